@@ -1,0 +1,204 @@
+"""One chat turn from request to committed state, independent of the wire format.
+
+`ChatService.start_turn` does everything that can fail before a response starts (model,
+session id, state load, prompt length, queue admission) and returns a `Turn`. Iterating
+`Turn.stream()` yields text deltas; after the last one the turn is committed, and only
+when the reply finished with "stop" or "length". A turn that is closed early (client
+gone, error) commits nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import AsyncIterator
+
+from app.engine import Engine
+from app.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout
+from app.protocol import ChatCompletionRequest, SenabInfo, check_session_id
+from app.sessions import LoadedSession, SessionService
+from senab.generation import GenerationRequest
+from senab.prompt import build_prompt, conversation_digest
+from senab.state import SessionRecord
+
+logger = logging.getLogger(__name__)
+
+
+def new_session_id() -> str:
+    """Return a new 128-bit random session id (32 hex characters)."""
+    return secrets.token_hex(16)
+
+
+class Turn:
+    def __init__(self, service: ChatService, *, tenant: str, session: LoadedSession, model: str,
+                 use_bridge: bool, digest: bytes, prompt_tokens: int, request_id: str,
+                 job=None, replay: SessionRecord | None = None, release=None) -> None:
+        self.service = service
+        self.tenant = tenant
+        self.session = session
+        self.model = model
+        self.use_bridge = use_bridge
+        self.digest = digest
+        self.prompt_tokens = prompt_tokens
+        self.request_id = request_id
+        self.job = job
+        self.replay = replay
+        self._release = release
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.text = ""
+        self.record: SessionRecord = session.record
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    def senab_info(self) -> SenabInfo:
+        affect = self.service.sessions.affect(self.record.state)
+        return SenabInfo(session_id=self.session_id, turn=self.record.turn, valence=affect.valence,
+                         arousal=affect.arousal, distance=affect.distance)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield the reply's text deltas, then commit the turn."""
+        try:
+            if self.replay is not None:
+                self._finish_replay()
+                if self.text:
+                    yield self.text
+                return
+            async for output in self.job.stream():
+                if output.text:
+                    self.text += output.text
+                    yield output.text
+                if output.finish_reason is not None:
+                    self.finish_reason = output.finish_reason
+                    self.completion_tokens = output.completion_tokens
+                    self.prompt_tokens = output.prompt_tokens
+                    if output.finish_reason in ("stop", "length"):
+                        await self._commit(output.readout)
+                    else:
+                        raise RequestTimeout(
+                            f"The completion did not finish within {self.service.request_timeout_s:g} s; "
+                            "nothing was committed. Lower max_tokens or retry.")
+        finally:
+            self.close()
+
+    def _finish_replay(self) -> None:
+        record = self.replay
+        self.text = record.last_reply
+        self.finish_reason = record.last_finish_reason or "stop"
+        self.prompt_tokens = record.last_prompt_tokens
+        self.completion_tokens = record.last_completion_tokens
+        logger.info("request %s: session %s turn %d was already committed; returning its reply",
+                    self.request_id, self.session_id, record.turn)
+
+    async def _commit(self, readout) -> None:
+        sessions = self.service.sessions
+        if self.use_bridge and readout is not None:
+            self.record = await sessions.commit_turn(
+                self.tenant, self.session, readout=readout, digest=self.digest, reply=self.text,
+                finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens)
+            logger.info("request %s: session %s committed turn %d", self.request_id, self.session_id,
+                        self.record.turn)
+        elif self.session.version == 0:
+            # A base-model turn leaves the state alone but still creates a new session,
+            # so the id it returned can be used on the session endpoints.
+            await sessions.store.commit(self.tenant, self.session_id, expected_version=0,
+                                        record=self.record.encode())
+
+    def close(self) -> None:
+        """Cancel decoding if it is still running and release the session lock (idempotent)."""
+        if self.job is not None and self.finish_reason is None:
+            self.job.cancel()
+            logger.info("request %s: turn on session %s cancelled before it finished; nothing committed",
+                        self.request_id, self.session_id)
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+class ChatService:
+    def __init__(self, engine: Engine, sessions: SessionService, *, max_tokens_default: int,
+                 max_tokens_cap: int, request_timeout_s: float, default_temperature: float = 1.0) -> None:
+        self.engine = engine
+        self.sessions = sessions
+        self.max_tokens_default = max_tokens_default
+        self.max_tokens_cap = max_tokens_cap
+        self.request_timeout_s = request_timeout_s
+        self.default_temperature = default_temperature
+
+    @property
+    def model_names(self) -> list[str]:
+        served = self.engine.served
+        return [served.name, served.senab_name]
+
+    def resolve_model(self, name: str) -> bool:
+        """Return whether `name` is the bridged model; raise ModelNotFound for an unknown one."""
+        served = self.engine.served
+        if name == served.senab_name:
+            return True
+        if name == served.name:
+            return False
+        raise ModelNotFound(
+            f"The model '{name}' does not exist; this server serves {served.name!r} and {served.senab_name!r}.",
+            param="model",
+        )
+
+    async def start_turn(self, request: ChatCompletionRequest, *, tenant: str, header_session_id: str | None,
+                         request_id: str) -> Turn:
+        request.check_supported()
+        use_bridge = self.resolve_model(request.model)
+        session_id = self._session_id(header_session_id, request.session_id)
+        messages = [(m.role, m.text()) for m in request.messages]
+        digest = conversation_digest(request.model, messages)
+
+        lock = self.sessions.lock(tenant, session_id)
+        await lock.acquire()
+        try:
+            session = await self.sessions.load_or_start(tenant, session_id)
+            common = dict(tenant=tenant, session=session, model=request.model, use_bridge=use_bridge,
+                          digest=digest, request_id=request_id, release=lock.release)
+            if use_bridge and session.record.turn > 0 and session.record.last_digest == digest:
+                return Turn(self, prompt_tokens=session.record.last_prompt_tokens, replay=session.record, **common)
+
+            prompt = build_prompt(self.engine.served.tokenizer, messages)
+            max_tokens = self._max_tokens(request, len(prompt.ids))
+            params = request.sampling_params(max_tokens, self.default_temperature)
+            job = self.engine.submit(
+                GenerationRequest(prompt.ids, params, session=session.record.state if use_bridge else None,
+                                  turn_start=prompt.turn_start),
+                request_id=request_id, timeout_s=self.request_timeout_s,
+            )
+            return Turn(self, prompt_tokens=len(prompt.ids), job=job, **common)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _session_id(self, header: str | None, body: str | None) -> str:
+        if header is not None and body is not None and header != body:
+            raise InvalidRequest(
+                f"The X-Session-Id header ({header!r}) and the session_id field ({body!r}) differ; send one.",
+                param="session_id",
+            )
+        given = header if header is not None else body
+        if given is None:
+            return new_session_id()
+        return check_session_id(given, param="session_id" if body is not None else "X-Session-Id")
+
+    def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
+        context = self.engine.served.context_length
+        requested = request.requested_max_tokens()
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        if requested is not None and requested > self.max_tokens_cap:
+            raise InvalidRequest(
+                f"{param}={requested} is above this server's limit of {self.max_tokens_cap}.", param=param)
+        if prompt_tokens >= context:
+            raise ContextLengthExceeded(
+                f"The prompt has {prompt_tokens} tokens but the model's context is {context} tokens; "
+                "shorten the conversation.", param="messages")
+        if requested is not None and prompt_tokens + requested > context:
+            raise ContextLengthExceeded(
+                f"The prompt has {prompt_tokens} tokens and {param} is {requested}, together more than the "
+                f"model's context of {context} tokens; lower {param} or shorten the conversation.", param=param)
+        return requested if requested is not None else min(self.max_tokens_default, context - prompt_tokens)

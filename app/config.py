@@ -1,0 +1,75 @@
+"""Service settings: one pydantic-settings class; nothing else reads the environment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting comes from a `SENAB_*` environment variable (or `REDIS_URL`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SENAB_", extra="ignore", populate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
+    model: str | None = Field(
+        None, description="Base model: unset for the default SmolLM2-135M-Instruct, a model directory, "
+                          "a .gguf file, or a hub id.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto picks bfloat16 on CUDA and on CPUs with native bf16.")
+    home: str | None = Field(None, description="Directory for pulled models and bridge checkpoints "
+                                               "(default ~/.cache/senab).")
+    bridge: str | None = Field(None, description="Bridge checkpoint directory; unset uses the default "
+                                                 "(shipped or untrained) checkpoint for the model.")
+    redis_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "SENAB_REDIS_URL"),
+        description="Redis URL for session state; unset keeps state in process memory.")
+    redis_prefix: str = Field("senab", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                              description="Key prefix in Redis.")
+    session_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Idle time after which a session expires, seconds.")
+    trajectory_max: int = Field(1000, ge=1, description="Points kept per session trajectory (oldest dropped).")
+    max_tokens_default: int = Field(512, ge=1, description="max_tokens when a request sets none.")
+    default_temperature: float = Field(
+        1.0, ge=0, le=2, description="Temperature when a request sets none (OpenAI's default is 1; 0 is greedy).")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting for the model before new ones get 429.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest time one completion may run, seconds.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"SENAB_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_tokens_default > self.max_tokens_cap:
+            raise ValueError(
+                f"SENAB_MAX_TOKENS_DEFAULT ({self.max_tokens_default}) must not exceed "
+                f"SENAB_MAX_TOKENS_CAP ({self.max_tokens_cap})"
+            )
+        return self
+
+    def redacted(self) -> dict[str, object]:
+        """Return the settings for the startup log, with the Redis password hidden."""
+        values = self.model_dump()
+        values["redis_url"] = redact_url(self.redis_url.get_secret_value()) if self.redis_url else None
+        return values
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a URL such as redis://user:pw@host with '***'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{location}" if ":" in credentials else f"{scheme}://{credentials}@{location}"

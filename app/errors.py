@@ -1,0 +1,165 @@
+"""Typed service errors and the one place that turns them into OpenAI error bodies.
+
+Domain code raises these; `install_error_handlers` maps each to its HTTP status and
+the OpenAI envelope `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error type and code."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class SessionNotFound(ServiceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "session_not_found"
+
+
+class StateConflict(ServiceError):
+    """A compare-and-set commit found a newer version than the one it read."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    code = "state_conflict"
+
+
+class StateInvalid(ServiceError):
+    """A stored record cannot be used (corrupt, NaN/Inf, or from another checkpoint)."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    code = "state_invalid"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class QueueFull(ServiceError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 504
+    error_type = "server_error"
+    code = "timeout"
+
+
+class StoreUnavailable(ServiceError):
+    status_code = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
+class ModelUnavailable(ServiceError):
+    status_code = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+
+def error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def service_error_body(exc: ServiceError) -> dict[str, Any]:
+    return error_body(exc.message, exc.error_type, exc.param, exc.code)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    # Drop the leading "body" and the pydantic union-branch names so the param reads
+    # like OpenAI's, e.g. "messages.0.role".
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("request %s failed: %s (%s)", _request_id(request), exc.code, exc.message)
+        return JSONResponse(service_error_body(exc), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        param = _validation_param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            message = f"Invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}. Send a JSON object."
+            param = None
+        elif param is None:
+            message = f"Invalid request body: {first.get('msg')}. Send a JSON object with Content-Type: application/json."
+        else:
+            message = f"Invalid value for '{param}': {first.get('msg')}."
+            if len(errors) > 1:
+                message += f" ({len(errors) - 1} more error(s) in the request.)"
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error")
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request %s failed with an unexpected error", _request_id(request))
+        return JSONResponse(error_body("Internal server error; see the server log.", "server_error",
+                                       None, "internal_error"), status_code=500)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")

@@ -1,0 +1,156 @@
+"""The FastAPI application factory and the service's start-up and shut-down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.chat import ChatService
+from app.config import Settings
+from app.deps import Services
+from app.engine import Engine, ServedModel
+from app.errors import error_body, install_error_handlers
+from app.routes import chat, health, sessions
+from app.sessions import SessionService
+from app.store import StateStore, create_store
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "senab" / "weights"
+
+
+def load_served_model(settings: Settings) -> ServedModel:
+    """Load the base model and its bridge checkpoint as the settings say."""
+    from senab.bridge import load_checkpoint, new_checkpoint
+    from senab.models import load_model
+
+    home = Path(settings.home).expanduser() if settings.home else None
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, home=home)
+    if settings.bridge:
+        checkpoint = load_checkpoint(settings.bridge)
+        logger.info("bridge checkpoint %s loaded from %s", checkpoint.checkpoint_id, settings.bridge)
+    elif (SHIPPED_WEIGHTS / loaded.name / "manifest.json").exists():
+        checkpoint = load_checkpoint(SHIPPED_WEIGHTS / loaded.name)
+        logger.info("shipped bridge checkpoint %s loaded for %s", checkpoint.checkpoint_id, loaded.name)
+    else:
+        checkpoint = new_checkpoint(loaded.model.config, base_model=loaded.name, base_digest=loaded.digest)
+        logger.info("no trained bridge checkpoint for %s: serving untrained checkpoint %s with its write-out at "
+                    "zero, so replies equal the base model's while session states still move",
+                    loaded.name, checkpoint.checkpoint_id)
+    if checkpoint.base_model and checkpoint.base_model != loaded.name:
+        logger.warning("bridge checkpoint %s was made for %s but the base model is %s",
+                       checkpoint.checkpoint_id, checkpoint.base_model, loaded.name)
+    return ServedModel(model=loaded.model, tokenizer=loaded.tokenizer, name=loaded.name,
+                       context_length=loaded.context_length, checkpoint=checkpoint,
+                       device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))
+
+
+class RequestContextMiddleware:
+    """Give every request an id (X-Request-Id) and reject bodies over the size limit (413)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        limit = self.max_body_bytes
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_json(send, 413, error_body(
+                f"The request body has {int(length)} bytes, more than the limit of {limit} bytes.",
+                "invalid_request_error", None, "payload_too_large"), request_id)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise StarletteHTTPException(
+                        413, f"The request body is larger than the limit of {limit} bytes.")
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_id)
+
+
+async def _send_json(send: Send, status: int, body: dict, request_id: str) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        (b"x-request-id", request_id.encode("latin-1"))]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(settings: Settings | None = None, *, served: ServedModel | None = None,
+               store: StateStore | None = None) -> FastAPI:
+    """Build the application; `served` and `store` let tests inject a tiny model or a store."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.monotonic()
+        logger.info("starting SENAB server with settings %s", settings.redacted())
+        model = served or load_served_model(settings)
+        state_store = store or create_store(
+            settings.redis_url.get_secret_value() if settings.redis_url else None,
+            prefix=settings.redis_prefix, ttl_seconds=settings.session_ttl_s,
+            trajectory_max=settings.trajectory_max)
+        if state_store.name == "memory":
+            logger.info("session state is kept in process memory (REDIS_URL is unset): it is lost on restart "
+                        "and not shared between replicas")
+        else:
+            logger.info("session state is kept in Redis at %s",
+                        settings.redacted()["redis_url"] if settings.redis_url else "the injected store")
+        engine = Engine(model, max_queue=settings.max_queue)
+        engine.start()
+        session_service = SessionService(state_store, model.checkpoint)
+        app.state.services = Services(
+            settings=settings, engine=engine, store=state_store, sessions=session_service,
+            chat=ChatService(engine, session_service, max_tokens_default=settings.max_tokens_default,
+                             max_tokens_cap=settings.max_tokens_cap, request_timeout_s=settings.request_timeout_s,
+                             default_temperature=settings.default_temperature),
+        )
+        logger.info("serving %s and %s on %s (%s), bridge checkpoint %s, %d trainable bridge parameters; "
+                    "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype,
+                    model.checkpoint.checkpoint_id, model.checkpoint.bridge.num_parameters(),
+                    time.monotonic() - started)
+        try:
+            yield
+        finally:
+            engine.stop()
+            await state_store.close()
+            logger.info("SENAB server stopped")
+
+    app = FastAPI(title="SENAB", version="0.1.0", lifespan=lifespan,
+                  summary="OpenAI-compatible chat with a Neural Cellular Automata bridge and per-session state")
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

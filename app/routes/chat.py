@@ -1,0 +1,98 @@
+"""POST /v1/chat/completions, streaming (server-sent events) and not."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Annotated, AsyncIterator
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.chat import Turn
+from app.deps import RequestIdDep, ServicesDep, TenantDep
+from app.errors import ServiceError, error_body, service_error_body
+from app.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
+                          DeltaMessage, ErrorResponse, ResponseMessage, Usage, completion_id)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 429, 503)}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def create_chat_completion(
+    request: ChatCompletionRequest, services: ServicesDep, tenant: TenantDep, request_id: RequestIdDep,
+    x_session_id: Annotated[str | None, Header()] = None,
+):
+    """Continue a session's conversation with one assistant reply."""
+    turn = await services.chat.start_turn(request, tenant=tenant, header_session_id=x_session_id,
+                                          request_id=request_id)
+    headers = {"X-Session-Id": turn.session_id}
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return StreamingResponse(_stream(turn, include_usage), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+
+    try:
+        async for _ in turn.stream():
+            pass
+    finally:
+        turn.close()
+    completion = ChatCompletion(
+        model=turn.model,
+        choices=[Choice(message=ResponseMessage(content=turn.text), finish_reason=turn.finish_reason)],
+        usage=_usage(turn),
+        senab=turn.senab_info(),
+    )
+    return JSONResponse(completion.model_dump(), headers=headers)
+
+
+def _usage(turn: Turn) -> Usage:
+    return Usage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.completion_tokens,
+                 total_tokens=turn.prompt_tokens + turn.completion_tokens)
+
+
+def _event(payload: ChatCompletionChunk | dict) -> str:
+    if isinstance(payload, dict):
+        data = payload
+    else:
+        data = payload.model_dump()
+        for optional in ("usage", "senab"):
+            if data[optional] is None:
+                del data[optional]
+        for choice in data["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(turn: Turn, include_usage: bool) -> AsyncIterator[str]:
+    # The 200 and its headers are already sent once this runs, so a failure from here on
+    # becomes an error event followed by [DONE].
+    chunk_id, created = completion_id(), int(time.time())
+
+    def chunk(delta: DeltaMessage, finish_reason=None, **extra) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=chunk_id, created=created, model=turn.model,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)], **extra)
+
+    try:
+        yield _event(chunk(DeltaMessage(role="assistant", content="")))
+        async for text in turn.stream():
+            yield _event(chunk(DeltaMessage(content=text)))
+        yield _event(chunk(DeltaMessage(), finish_reason=turn.finish_reason, senab=turn.senab_info()))
+        if include_usage:
+            yield _event(ChatCompletionChunk(id=chunk_id, created=created, model=turn.model, choices=[],
+                                             usage=_usage(turn)))
+    except ServiceError as exc:
+        logger.warning("request %s: stream on session %s failed: %s", turn.request_id, turn.session_id, exc.message)
+        yield _event(service_error_body(exc))
+    except Exception:
+        logger.exception("request %s: stream on session %s failed", turn.request_id, turn.session_id)
+        yield _event(error_body("Internal server error; see the server log.", "server_error", None,
+                                "internal_error"))
+    finally:
+        turn.close()
+    yield "data: [DONE]\n\n"

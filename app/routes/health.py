@@ -1,0 +1,40 @@
+"""Liveness, readiness and the model list."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.deps import ServicesDep
+from app.errors import ServiceError, error_body
+from app.protocol import ModelCard, ModelList
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """The model is loaded and the state store answers."""
+    if not services.engine.ready:
+        return JSONResponse(error_body("The model is not loaded.", "server_error", None, "model_unavailable"),
+                            status_code=503)
+    try:
+        await services.store.ping()
+    except ServiceError as exc:
+        return JSONResponse(error_body(exc.message, exc.error_type, None, exc.code), status_code=503)
+    return JSONResponse({"status": "ready", "model": services.engine.served.name, "store": services.store.name})
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(services: ServicesDep) -> ModelList:
+    """The base model and the same model with the SENAB bridge."""
+    return ModelList(data=[ModelCard(id=name, created=_STARTED) for name in services.chat.model_names])

@@ -1,0 +1,135 @@
+"""Session state on top of a `StateStore`: start, load, commit a turn, reset, delete.
+
+Records are decoded against the served checkpoint, so a record written under another
+checkpoint, or a corrupt one, is rejected (409 `state_invalid`) instead of being used.
+Commits are compare-and-set: a commit that finds a newer version re-reads the record and
+applies the homeostasis update to it, at most `max_commit_attempts` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.errors import SessionNotFound, StateConflict, StateInvalid
+from app.store import StateStore, StoredSession
+from senab.affect import read_affect
+from senab.bridge import Checkpoint
+from senab.state import Affect, RecordError, SessionRecord, TrajectoryPoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedSession:
+    session_id: str
+    record: SessionRecord
+    version: int  # 0 when the session is not stored yet
+
+
+class SessionService:
+    def __init__(self, store: StateStore, checkpoint: Checkpoint, *, max_commit_attempts: int = 5) -> None:
+        self.store = store
+        self.checkpoint = checkpoint
+        self.set_point = checkpoint.bridge.set_point.detach().float().cpu().numpy()
+        self.max_commit_attempts = max_commit_attempts
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def lock(self, tenant: str, session_id: str) -> asyncio.Lock:
+        """Return the in-process lock that serialises turns on one session."""
+        key = (tenant, session_id)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        return lock
+
+    def affect(self, state: np.ndarray) -> Affect:
+        return read_affect(state, self.set_point, arousal_scale=self.checkpoint.arousal_scale,
+                           probe=self.checkpoint.probe)
+
+    def _decode(self, session_id: str, stored: StoredSession) -> SessionRecord:
+        try:
+            return SessionRecord.decode(stored.record, checkpoint_id=self.checkpoint.checkpoint_id)
+        except RecordError as exc:
+            logger.warning("session %s has an unusable state record: %s", session_id, exc)
+            raise StateInvalid(
+                f"The stored state of session '{session_id}' cannot be used: {exc}. "
+                f"POST /sessions/{session_id}/reset to restart it at the set-point, or DELETE it.",
+                param="session_id",
+            ) from None
+
+    async def load(self, tenant: str, session_id: str) -> LoadedSession | None:
+        stored = await self.store.load(tenant, session_id)
+        if stored is None:
+            return None
+        return LoadedSession(session_id, self._decode(session_id, stored), stored.version)
+
+    async def load_or_start(self, tenant: str, session_id: str) -> LoadedSession:
+        loaded = await self.load(tenant, session_id)
+        if loaded is None:
+            return LoadedSession(session_id, SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point), 0)
+        return loaded
+
+    async def require(self, tenant: str, session_id: str) -> LoadedSession:
+        loaded = await self.load(tenant, session_id)
+        if loaded is None:
+            raise SessionNotFound(f"Session '{session_id}' not found (it may have expired).", param="session_id")
+        return loaded
+
+    async def commit_turn(self, tenant: str, session: LoadedSession, *, readout: np.ndarray, digest: bytes,
+                          reply: str, finish_reason: str, prompt_tokens: int,
+                          completion_tokens: int) -> SessionRecord:
+        """Apply one completed turn to the stored state and append its trajectory point."""
+        current = session
+        for attempt in range(1, self.max_commit_attempts + 1):
+            record = current.record
+            now = time.time()
+            state = self.checkpoint.homeostasis.update(record.state, readout, self.set_point)
+            new = SessionRecord(
+                checkpoint_id=self.checkpoint.checkpoint_id, state=state, turn=record.turn + 1, updated_at=now,
+                last_digest=digest, last_reply=reply, last_finish_reason=finish_reason,
+                last_prompt_tokens=prompt_tokens, last_completion_tokens=completion_tokens,
+            )
+            point = TrajectoryPoint(turn=new.turn, time=now, affect=self.affect(state), state=state)
+            try:
+                await self.store.commit(tenant, session.session_id, expected_version=current.version,
+                                        record=new.encode(), point=point.encode(), turn=new.turn)
+                return new
+            except StateConflict:
+                logger.info("session %s: commit conflict on attempt %d, re-reading the state",
+                            session.session_id, attempt)
+                current = await self.load_or_start(tenant, session.session_id)
+        raise StateConflict(
+            f"Session '{session.session_id}' changed {self.max_commit_attempts} times while this turn was "
+            "being committed; the turn was not saved. Retry the request.", param="session_id",
+        )
+
+    async def reset(self, tenant: str, session_id: str) -> SessionRecord:
+        if await self.store.load(tenant, session_id) is None:
+            raise SessionNotFound(f"Session '{session_id}' not found (it may have expired).", param="session_id")
+        record = SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point)
+        await self.store.reset(tenant, session_id, record.encode())
+        return record
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        if not await self.store.delete(tenant, session_id):
+            raise SessionNotFound(f"Session '{session_id}' not found (it may have expired).", param="session_id")
+
+    async def trajectory(self, tenant: str, session_id: str, *, since: int | None,
+                         limit: int | None) -> list[TrajectoryPoint]:
+        await self.require(tenant, session_id)
+        points = await self.store.trajectory(tenant, session_id, since=since, limit=limit)
+        decoded = []
+        for _, data in points:
+            try:
+                decoded.append(TrajectoryPoint.decode(data))
+            except RecordError as exc:
+                raise StateInvalid(f"A trajectory point of session '{session_id}' is corrupt: {exc}.",
+                                   param="session_id") from None
+        return decoded

@@ -1,0 +1,138 @@
+"""The per-session state store contract shared by the Redis and in-process stores.
+
+A session is identified by `(tenant, session_id)` and has two parts: an opaque record with
+a version number, and a trajectory of `(turn, point)` pairs. Writers use optimistic
+concurrency: they load the record, then commit with the version they read, and a commit
+that finds another version raises `StateConflict` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from app.errors import StateConflict
+
+DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+DEFAULT_TRAJECTORY_MAX = 1000
+
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    """A session record as stored, with the version to pass to `StateStore.commit`."""
+
+    record: bytes
+    version: int
+
+
+class StateStore(abc.ABC):
+    """Versioned per-session storage with compare-and-set commits and an idle TTL.
+
+    Every operation that takes `tenant` and `session_id` raises `ValueError` unless the
+    tenant matches `[A-Za-z0-9_-]{1,64}` and the session id matches `[A-Za-z0-9._-]{1,128}`.
+    Callers should validate ids first and report bad input themselves. The store checks
+    again because the ids become part of storage keys.
+
+    Each load, commit and reset sets the session to expire `ttl_seconds` later, so a session
+    expires after that long without use. An expired session reads as absent.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, ttl_seconds: int = DEFAULT_TTL_SECONDS,
+                 trajectory_max: int = DEFAULT_TRAJECTORY_MAX) -> None:
+        if ttl_seconds < 1:
+            raise ValueError(f"ttl_seconds must be at least 1, got {ttl_seconds}")
+        if trajectory_max < 1:
+            raise ValueError(f"trajectory_max must be at least 1, got {trajectory_max}")
+        self.ttl_seconds = ttl_seconds
+        self.trajectory_max = trajectory_max
+
+    @abc.abstractmethod
+    async def load(self, tenant: str, session_id: str) -> StoredSession | None:
+        """Load a session and restart its idle TTL. Returns None if it does not exist."""
+
+    @abc.abstractmethod
+    async def commit(self, tenant: str, session_id: str, *, expected_version: int,
+                     record: bytes, point: bytes | None = None, turn: int | None = None) -> int:
+        """Replace the record if the stored version equals `expected_version`.
+
+        `expected_version=0` means that the session must not exist yet. On success the
+        record gets version `expected_version + 1`. If `point` is given, `(turn, point)` is
+        appended to the trajectory and the oldest entries beyond `trajectory_max` are
+        dropped. Both parts get a fresh idle TTL. Returns the new version.
+
+        Raises `StateConflict` without writing anything if the stored version differs, and
+        `ValueError` if `point` is given without `turn` or `expected_version` is negative.
+        """
+
+    @abc.abstractmethod
+    async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
+        """Replace the record unconditionally and clear the trajectory.
+
+        The new version is the old version plus 1, or 1 if the session did not exist, so a
+        commit based on a version read before the reset raises `StateConflict`.
+        Returns the new version.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, tenant: str, session_id: str) -> bool:
+        """Delete the record and the trajectory. Returns True if the session existed.
+
+        NOTE: the next commit with `expected_version=0` starts again at version 1, so a
+        writer that read version N before the delete can succeed once the new session
+        reaches version N again.
+        """
+
+    @abc.abstractmethod
+    async def trajectory(self, tenant: str, session_id: str, *, since: int | None = None,
+                         limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Return `(turn, point)` pairs, oldest first.
+
+        With `since`, only pairs whose turn is greater than `since` are returned. With
+        `limit`, at most the first `limit` of those are returned. A missing session has an
+        empty trajectory. Reading the trajectory does not restart the idle TTL.
+        """
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Check that the store is reachable. Raises `StoreUnavailable` if it is not."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""
+
+    @staticmethod
+    def _check_ids(tenant: str, session_id: str) -> None:
+        if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
+            raise ValueError(f"invalid tenant {tenant!r}: expected 1-64 characters "
+                             "from A-Z, a-z, 0-9, '_' and '-'")
+        if not isinstance(session_id, str) or not _SESSION_ID_RE.fullmatch(session_id):
+            raise ValueError(f"invalid session id {session_id!r}: expected 1-128 characters "
+                             "from A-Z, a-z, 0-9, '.', '_' and '-'")
+
+    @staticmethod
+    def _check_commit_args(expected_version: int, point: bytes | None, turn: int | None) -> None:
+        if expected_version < 0:
+            raise ValueError(f"expected_version must be 0 or more, got {expected_version}")
+        if point is not None and turn is None:
+            raise ValueError("turn is missing: commit needs the turn number when point is given")
+
+    @staticmethod
+    def _check_trajectory_args(limit: int | None) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be 0 or more, got {limit}")
+
+    @staticmethod
+    def _conflict(session_id: str, expected_version: int, found_version: int) -> StateConflict:
+        found = (f"version {found_version}" if found_version
+                 else "no session (version 0)")
+        return StateConflict(
+            f"Session '{session_id}' was changed by another request: expected version "
+            f"{expected_version}, found {found}. Load the session again and retry the turn.",
+            code="state_conflict")

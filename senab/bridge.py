@@ -1,0 +1,470 @@
+"""The SENAB bridge: read-in from the residual stream, NCA growth, write-out into K and V.
+
+Shapes: B batch rows, T new positions, d hidden size, d_kv = KV heads x head dim,
+C cell channels, m bridged layers (the last m decoder layers, L-m .. L-1).
+
+1. Read-in at the input of layer L-m: x0_t = s + W_in . rmsnorm(h_t), s the row's
+   session vector.
+2. Growth: K steps of the NCA (`senab.nca`), incremental across forward calls.
+3. Write-out: dk_t = strength * gain_k[l] * tanh(W_k x_t), likewise dv, added to the
+   outputs of k_proj and v_proj of each bridged layer l (before rotary embedding).
+   W_k and W_v start at zero, so an untrained bridge leaves the base model unchanged.
+4. Readout: the running mean of x_t over the positions of the current turn.
+
+`attach_bridge` wraps the projections in place (the originals stay inside the wrappers)
+and returns a `BridgeHandle`. A forward pass uses the bridge only inside
+`handle.activate(state)`; outside it, or with `handle.enabled = False`, the model
+computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from senab.nca import NCACache, NCACell, NCAConfig
+from senab.state import Homeostasis
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "senab-bridge"
+CHECKPOINT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "bridge.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the decoder layers and the K/V projections of one model family live."""
+
+    layers: str  # dotted path from the causal-LM module to the list of decoder layers
+    attention: str  # attribute of a decoder layer holding the attention block
+    k_proj: str
+    v_proj: str
+
+
+# Keyed by `config.model_type`. Adding a family whose attention uses separate k_proj and
+# v_proj modules is one entry here.
+ARCHITECTURES: dict[str, Architecture] = {
+    name: Architecture(layers="model.layers", attention="self_attn", k_proj="k_proj", v_proj="v_proj")
+    for name in ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def architecture_for(model_type: str) -> Architecture:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not supported by the SENAB bridge; supported: {supported}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    hidden_size: int
+    kv_width: int
+    num_model_layers: int
+    model_type: str = "llama"
+    bridged_layers: int = 4
+    nca: NCAConfig = field(default_factory=NCAConfig)
+    strength: float = 0.5
+    rms_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bridged_layers <= self.num_model_layers:
+            raise ValueError(
+                f"BridgeConfig.bridged_layers must be between 1 and the model's "
+                f"{self.num_model_layers} layers, got {self.bridged_layers}"
+            )
+        if self.strength <= 0:
+            raise ValueError(f"BridgeConfig.strength must be positive, got {self.strength}")
+
+    @property
+    def first_layer(self) -> int:
+        """Index of the first bridged layer, L - m; the read-in sits at its input."""
+        return self.num_model_layers - self.bridged_layers
+
+    @classmethod
+    def for_model(cls, model_config: Any, **overrides: Any) -> BridgeConfig:
+        """Build the config for a transformers model config (Llama-style attributes)."""
+        architecture_for(model_config.model_type)
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        return cls(
+            hidden_size=model_config.hidden_size,
+            kv_width=kv_heads * head_dim,
+            num_model_layers=model_config.num_hidden_layers,
+            model_type=model_config.model_type,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BridgeConfig:
+        data = dict(data)
+        data["nca"] = NCAConfig(**data.get("nca", {}))
+        return cls(**data)
+
+
+class Bridge(nn.Module):
+    """All trainable parameters of SENAB; the base model's own weights stay frozen."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.nca.channels
+        self.read_in = nn.Linear(config.hidden_size, c, bias=False)
+        self.cell = NCACell(config.nca)
+        self.write_k = nn.Linear(c, config.kv_width)
+        self.write_v = nn.Linear(c, config.kv_width)
+        self.gain_k = nn.Parameter(torch.ones(config.bridged_layers))
+        self.gain_v = nn.Parameter(torch.ones(config.bridged_layers))
+        # The session state a new conversation starts from and relaxes back to.
+        self.set_point = nn.Parameter(torch.zeros(c))
+        for layer in (self.write_k, self.write_v):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def seed_lattice(self, hidden: torch.Tensor, session: torch.Tensor) -> torch.Tensor:
+        """Return x0 = s + W_in . rmsnorm(h) for hidden states (B, T, d) and sessions (B, C)."""
+        h = hidden.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.config.rms_eps)
+        return session.unsqueeze(1) + self.read_in(h)  # (B, T, C)
+
+    def write_out(self, lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the un-gained K and V deltas (B, T, d_kv) for the final lattice."""
+        strength = self.config.strength
+        return strength * torch.tanh(self.write_k(lattice)), strength * torch.tanh(self.write_v(lattice))
+
+
+class BridgeState:
+    """Per-batch decoding state of the bridge: session vectors, NCA cache, readout sums.
+
+    One instance follows one batch of sequences through prefill and every decode step.
+    Before each forward call the caller sets `valid` (B, T) for the new positions.
+    """
+
+    def __init__(self, bridge: Bridge, sessions: torch.Tensor, turn_starts: list[int],
+                 row_enabled: list[bool] | None = None) -> None:
+        if sessions.ndim != 2 or sessions.shape[1] != bridge.config.nca.channels:
+            raise ValueError(
+                f"session vectors must have shape (batch, {bridge.config.nca.channels}), "
+                f"got {tuple(sessions.shape)}"
+            )
+        if len(turn_starts) != sessions.shape[0]:
+            raise ValueError(f"got {len(turn_starts)} turn starts for {sessions.shape[0]} rows")
+        device = bridge.read_in.weight.device
+        self.sessions = sessions.to(device=device, dtype=torch.float32)
+        self.turn_starts = torch.tensor(turn_starts, device=device)
+        # Rows with the bridge off (requests for the base model) get no K/V delta at all.
+        enabled = [True] * len(turn_starts) if row_enabled is None else row_enabled
+        self.row_enabled = torch.tensor(enabled, dtype=torch.bool, device=device)
+        self.cache: NCACache | None = None
+        self.positions = torch.zeros(len(turn_starts), dtype=torch.long, device=device)  # real tokens seen
+        self.readout_sum = torch.zeros_like(self.sessions)
+        self.readout_count = torch.zeros(len(turn_starts), device=device)
+        self.valid: torch.Tensor | None = None
+        self.delta_k: torch.Tensor | None = None  # (B, T, d_kv) for the current forward call
+        self.delta_v: torch.Tensor | None = None
+
+    def readout(self) -> torch.Tensor:
+        """Return the mean lattice over each row's current-turn positions (B, C)."""
+        return self.readout_sum / self.readout_count.clamp(min=1).unsqueeze(-1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (for sequences leaving a batch)."""
+        self.sessions = self.sessions[rows]
+        self.turn_starts = self.turn_starts[rows]
+        self.row_enabled = self.row_enabled[rows]
+        self.positions = self.positions[rows]
+        self.readout_sum = self.readout_sum[rows]
+        self.readout_count = self.readout_count[rows]
+        if self.cache is not None:
+            self.cache = [c[rows] for c in self.cache]
+
+
+class _BridgedProjection(nn.Module):
+    """A k_proj or v_proj that adds the bridge's delta for the active batch."""
+
+    def __init__(self, base: nn.Module, handle: BridgeHandle, slot: int, kind: str) -> None:
+        super().__init__()
+        self.base = base
+        self._handle = [handle]  # a list keeps the handle out of the module tree
+        self.slot = slot
+        self.kind = kind
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.base(hidden)
+        handle = self._handle[0]
+        state = handle.active_state
+        if state is None or not handle.enabled:
+            return out
+        delta = state.delta_k if self.kind == "k" else state.delta_v
+        if delta is None or delta.shape[:2] != out.shape[:2]:
+            raise RuntimeError("bridge delta does not match this forward call; was the read-in hook skipped?")
+        gain = (self.handle_bridge.gain_k if self.kind == "k" else self.handle_bridge.gain_v)[self.slot]
+        return out + (gain * delta).to(out.dtype)
+
+    @property
+    def handle_bridge(self) -> Bridge:
+        return self._handle[0].bridge
+
+
+class BridgeHandle:
+    """The bridge attached to one model: the switch, the active batch state, and detach."""
+
+    def __init__(self, model: nn.Module, bridge: Bridge) -> None:
+        self.model = model
+        self.bridge = bridge
+        self.enabled = True
+        self.active_state: BridgeState | None = None
+        self._restore: list[tuple[nn.Module, str, nn.Module]] = []
+        self._hook: Any = None
+
+    @contextlib.contextmanager
+    def activate(self, state: BridgeState | None) -> Iterator[None]:
+        """Use `state` for the forward calls inside the block; None runs the base model."""
+        previous = self.active_state
+        self.active_state = state
+        try:
+            yield
+        finally:
+            self.active_state = previous
+
+    def _read_in(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state = self.active_state
+        if state is None or not self.enabled:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+        valid = state.valid
+        if valid is None:
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        valid = valid.to(hidden.device)
+
+        x0 = self.bridge.seed_lattice(hidden, state.sessions)
+        lattice, state.cache = self.bridge.cell.grow(x0, state.cache, valid)  # (B, T, C)
+        delta_k, delta_v = self.bridge.write_out(lattice)
+        enabled = state.row_enabled.view(-1, 1, 1)
+        state.delta_k = torch.where(enabled, delta_k, torch.zeros_like(delta_k))
+        state.delta_v = torch.where(enabled, delta_v, torch.zeros_like(delta_v))
+
+        # Readout: accumulate the lattice over real positions at or after the turn start.
+        positions = state.positions.unsqueeze(1) + valid.long().cumsum(1) - 1  # (B, T)
+        in_turn = valid & (positions >= state.turn_starts.unsqueeze(1))
+        weights = in_turn.float().unsqueeze(-1)
+        state.readout_sum = state.readout_sum + (lattice * weights).sum(1)
+        state.readout_count = state.readout_count + in_turn.float().sum(1)
+        state.positions = state.positions + valid.long().sum(1)
+
+    def detach(self) -> None:
+        """Remove the wrappers and the hook, restoring the original modules."""
+        for parent, name, original in self._restore:
+            setattr(parent, name, original)
+        self._restore.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _resolve(root: nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attach_bridge(model: nn.Module, bridge: Bridge) -> BridgeHandle:
+    """Wrap k_proj/v_proj of the last m layers and hook the read-in; return the handle."""
+    config = bridge.config
+    arch = architecture_for(model.config.model_type)
+    layers = _resolve(model, arch.layers)
+    if len(layers) != config.num_model_layers:
+        raise ValueError(
+            f"bridge was built for {config.num_model_layers} layers but the model has {len(layers)}"
+        )
+    device = next(model.parameters()).device
+    bridge.to(device)
+    handle = BridgeHandle(model, bridge)
+
+    for slot, index in enumerate(range(config.first_layer, config.num_model_layers)):
+        attention = getattr(layers[index], arch.attention)
+        for kind, attr in (("k", arch.k_proj), ("v", arch.v_proj)):
+            original = getattr(attention, attr)
+            setattr(attention, attr, _BridgedProjection(original, handle, slot, kind))
+            handle._restore.append((attention, attr, original))
+
+    handle._hook = layers[config.first_layer].register_forward_pre_hook(handle._read_in, with_kwargs=True)
+    return handle
+
+
+def freeze_base_model(model: nn.Module, bridge: Bridge) -> None:
+    """Freeze every parameter except the bridge's."""
+    bridge_ids = {id(p) for p in bridge.parameters()}
+    for p in model.parameters():
+        if id(p) not in bridge_ids:
+            p.requires_grad_(False)
+    for p in bridge.parameters():
+        p.requires_grad_(True)
+
+
+def lora_parameter_count(model_config: Any, rank: int = 32) -> int:
+    """Trainable parameters of LoRA with `rank` on k_proj and v_proj of every layer."""
+    bridge_config = BridgeConfig.for_model(model_config)
+    per_projection = rank * (model_config.hidden_size + bridge_config.kv_width)
+    return 2 * per_projection * model_config.num_hidden_layers
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A bridge with everything needed to serve it: homeostasis, affect scales, identity."""
+
+    bridge: Bridge
+    homeostasis: Homeostasis
+    arousal_scale: float = 1.0
+    probe: nn.Linear | None = None  # valence = tanh(probe(s)); None until trained
+    base_model: str = ""
+    base_digest: str | None = None
+    trained: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_id:
+            self.checkpoint_id = compute_checkpoint_id(self._tensors())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.bridge.state_dict().items()}
+        if self.probe is not None:
+            tensors["probe.weight"] = self.probe.weight.detach().to("cpu", torch.float32).contiguous()
+            tensors["probe.bias"] = self.probe.bias.detach().to("cpu", torch.float32).contiguous()
+        return tensors
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "checkpoint_id": self.checkpoint_id,
+            "base_model": self.base_model,
+            "base_digest": self.base_digest,
+            "trained": self.trained,
+            "bridge": self.bridge.config.to_dict(),
+            "trainable_parameters": self.bridge.num_parameters(),
+            "homeostasis": dataclasses.asdict(self.homeostasis),
+            "arousal_scale": self.arousal_scale,
+            "has_valence_probe": self.probe is not None,
+            "metrics": self.metrics,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self._tensors(), str(directory / WEIGHTS_FILE))
+        (directory / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        return directory
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def compute_checkpoint_id(tensors: dict[str, torch.Tensor]) -> str:
+    """Return a content digest (16 hex chars) of the tensors, independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].to(torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def new_checkpoint(model_config: Any, *, seed: int = 0, base_model: str = "",
+                   base_digest: str | None = None, **bridge_overrides: Any) -> Checkpoint:
+    """Create an untrained checkpoint: random read-in and NCA, zero write-out.
+
+    The same seed and torch version give the same weights, hence the same checkpoint id,
+    so stored session states stay valid across restarts and replicas.
+    """
+    config = BridgeConfig.for_model(model_config, **bridge_overrides)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        bridge = Bridge(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return Checkpoint(bridge=bridge, homeostasis=Homeostasis(), base_model=base_model, base_digest=base_digest)
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """Load a checkpoint directory (bridge.safetensors + manifest.json) and verify its id."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"bridge checkpoint {directory} has no {MANIFEST_FILE}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"bridge manifest {manifest_path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_path} is not a {CHECKPOINT_FORMAT} v{CHECKPOINT_FORMAT_VERSION} manifest"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise CheckpointError(f"bridge checkpoint {directory} has no {WEIGHTS_FILE}") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"bridge weights {weights_path} cannot be read: {exc}") from None
+
+    bridge = Bridge(BridgeConfig.from_dict(manifest["bridge"]))
+    probe = None
+    if "probe.weight" in tensors:
+        probe = nn.Linear(bridge.config.nca.channels, 1)
+        probe.load_state_dict({"weight": tensors.pop("probe.weight"), "bias": tensors.pop("probe.bias")})
+    try:
+        bridge.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"bridge weights {weights_path} do not match its manifest: {exc}") from None
+
+    checkpoint = Checkpoint(
+        bridge=bridge,
+        homeostasis=Homeostasis(**manifest.get("homeostasis", {})),
+        arousal_scale=float(manifest.get("arousal_scale", 1.0)),
+        probe=probe,
+        base_model=manifest.get("base_model", ""),
+        base_digest=manifest.get("base_digest"),
+        trained=bool(manifest.get("trained", False)),
+        metrics=manifest.get("metrics", {}),
+    )
+    if checkpoint.checkpoint_id != manifest.get("checkpoint_id"):
+        raise CheckpointError(
+            f"bridge weights {weights_path} have id {checkpoint.checkpoint_id} but the manifest says "
+            f"{manifest.get('checkpoint_id')}: the files are corrupt or from different checkpoints"
+        )
+    return checkpoint

@@ -1,0 +1,365 @@
+"""Batched incremental decoding with the KV cache and the bridge's NCA cache.
+
+`Generator.stream` prefills a batch of prompts (left-padded) and then decodes one token
+per row per step. Each row has its own sampling settings, random generator, stop strings,
+session vector and bridge switch, so one batch may mix sessions and the base model.
+Text leaves the generator in increments that never split a UTF-8 character and never
+contain any part of a stop string.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from senab.bridge import BridgeHandle, BridgeState
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request, with OpenAI's meanings and ranges."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # The row's session vector (C,) with the bridge on; None runs the base model.
+    session: np.ndarray | None = None
+    # Index of the first prompt token that belongs to the current turn (readout window).
+    turn_start: int = 0
+
+
+@dataclass
+class RowOutput:
+    """One row's progress after a step: the new text and, once finished, the totals."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    readout: np.ndarray | None = None  # (C,), set when the row finishes with the bridge on
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting characters.
+
+    Decoding a window that starts a few tokens back keeps tokenizers that merge spaces or
+    bytes across tokens correct; a delta that ends in U+FFFD (an incomplete UTF-8 byte
+    sequence) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Return text still held back (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries and holds back text that may start one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[:min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:length]):
+                    hold = length
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def sample_next_token(logits: torch.Tensor, params: SamplingParams, generated: list[int],
+                      generator: torch.Generator | None) -> int:
+    """Pick the next token from one row's logits (V,) after penalties and truncation."""
+    logits = logits.float()
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[0])
+        counts = counts[: logits.shape[0]].float()
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    if params.greedy:
+        return int(torch.argmax(logits).item())
+
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[0]:
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+class _Row:
+    def __init__(self, index: int, request: GenerationRequest, tokenizer) -> None:
+        self.index = index
+        self.request = request
+        self.params = request.params
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(request.params.stop)
+        self.generated: list[int] = []
+        self.generator = None
+        if not request.params.greedy:
+            self.generator = torch.Generator()
+            if request.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(request.params.seed)
+
+
+class Generator:
+    """Decodes batches on one model, with the bridge when a handle is given."""
+
+    def __init__(self, model, tokenizer, handle: BridgeHandle | None = None,
+                 eos_token_ids: set[int] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.handle = handle
+        self.device = next(model.parameters()).device
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @torch.inference_mode()
+    def stream(self, requests: list[GenerationRequest],
+               should_cancel: Callable[[int], bool] | None = None) -> Iterator[list[RowOutput]]:
+        """Yield, per decode step, the outputs of the rows that produced text or finished.
+
+        `should_cancel(index)` is checked before every step; a cancelled row finishes with
+        reason "cancelled" and no readout.
+        """
+        if not requests:
+            return
+        for i, request in enumerate(requests):
+            if not request.prompt_ids:
+                raise ValueError(f"request {i} has an empty prompt")
+        rows = [_Row(i, r, self.tokenizer) for i, r in enumerate(requests)]
+        bridge_state = self._bridge_state(requests)
+
+        input_ids, attention_mask = self._left_pad([r.prompt_ids for r in requests])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, attention_mask, position_ids, cache, bridge_state,
+                               valid=attention_mask.bool())
+        active = list(range(len(rows)))  # batch position -> row index
+
+        while active:
+            outputs: list[RowOutput] = []
+            next_tokens: list[int] = []
+            keep: list[int] = []
+            for position, row_index in enumerate(active):
+                row = rows[row_index]
+                output = self._advance(row, logits[position], should_cancel)
+                if output.finish_reason is not None:
+                    if bridge_state is not None and output.finish_reason != "cancelled" \
+                            and row.request.session is not None:
+                        output.readout = bridge_state.readout()[position].cpu().numpy().astype(np.float32)
+                else:
+                    keep.append(position)
+                    next_tokens.append(row.generated[-1])
+                if output.text or output.finish_reason is not None:
+                    outputs.append(output)
+            if outputs:
+                yield outputs
+            if not keep:
+                return
+
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                attention_mask = attention_mask[index]
+                position_ids = position_ids[index]
+                if bridge_state is not None:
+                    bridge_state.select(index)
+                active = [active[p] for p in keep]
+
+            step_ids = torch.tensor(next_tokens, device=self.device).unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = self._forward(step_ids, attention_mask, position_ids, cache, bridge_state, valid=None)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[RowOutput]:
+        """Run the batch to completion and return each row's whole output."""
+        results = [RowOutput(index=i) for i in range(len(requests))]
+        for step in self.stream(requests):
+            for output in step:
+                result = results[output.index]
+                result.text += output.text
+                if output.finish_reason is not None:
+                    result.finish_reason = output.finish_reason
+                    result.token_ids = output.token_ids
+                    result.prompt_tokens = output.prompt_tokens
+                    result.completion_tokens = output.completion_tokens
+                    result.readout = output.readout
+        return results
+
+    def _advance(self, row: _Row, logits: torch.Tensor,
+                 should_cancel: Callable[[int], bool] | None) -> RowOutput:
+        output = RowOutput(index=row.index)
+        release_held_text = False
+        if should_cancel is not None and should_cancel(row.index):
+            output.finish_reason = "cancelled"
+        else:
+            token = sample_next_token(logits, row.params, row.generated, row.generator)
+            if token in self.eos_token_ids:
+                output.finish_reason = "stop"
+                release_held_text = True
+            else:
+                row.generated.append(token)
+                output.text, stopped = row.stops.push(row.detokenizer.push(token))
+                if stopped:
+                    output.finish_reason = "stop"
+                elif len(row.generated) >= row.params.max_tokens:
+                    output.finish_reason = "length"
+                    release_held_text = True
+
+        if release_held_text:
+            # Finished without a stop string so far: the last held-back bytes may still
+            # complete one; otherwise everything held back is released.
+            tail, stopped = row.stops.push(row.detokenizer.flush())
+            output.text += tail
+            if stopped:
+                output.finish_reason = "stop"
+            else:
+                output.text += row.stops.flush()
+        output.token_ids = list(row.generated)
+        output.prompt_tokens = len(row.request.prompt_ids)
+        output.completion_tokens = len(row.generated)
+        return output
+
+    def _bridge_state(self, requests: list[GenerationRequest]) -> BridgeState | None:
+        if self.handle is None or all(r.session is None for r in requests):
+            if any(r.session is not None for r in requests):
+                raise ValueError("a request carries a session vector but the generator has no bridge")
+            return None
+        channels = self.handle.bridge.config.nca.channels
+        sessions = np.stack([
+            np.zeros(channels, np.float32) if r.session is None else np.asarray(r.session, np.float32)
+            for r in requests
+        ])
+        # Turn starts count real tokens, which is what BridgeState.positions counts.
+        return BridgeState(self.handle.bridge, torch.from_numpy(sessions),
+                           [r.turn_start for r in requests],
+                           row_enabled=[r.session is not None for r in requests])
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, bridge_state: BridgeState | None,
+                 valid: torch.Tensor | None) -> torch.Tensor:
+        if bridge_state is not None:
+            bridge_state.valid = valid
+        context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
+        with context:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]  # (B, V)
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def default_eos_ids(model, tokenizer) -> set[int]:
+    """Collect end-of-sequence ids from the tokenizer and the generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(int(i) for i in config_eos)
+    return ids

@@ -1,0 +1,106 @@
+"""The Neural Cellular Automaton that grows over the token axis.
+
+A lattice of C-channel cells, one per token position, is updated K times by one shared
+rule (Sakour, 2026, "Dynamic Contextual Adaptation in LLMs via Neural Cellular Automata
+Bridges"):
+
+    p      = causal_conv1d(x, C -> 3C, width w)          # perception
+    u      = Linear(64 -> C)(SiLU(LayerNorm(Linear(3C -> 64)(p))))
+    g      = sigmoid(Linear(3C -> 1)(p))
+    x_next = g * u + (1 - g) * x
+
+The perception is causal, so position t after K steps depends only on positions
+t - K*(w-1) .. t. That finite receptive field is what lets `grow` run incrementally: the
+caller keeps, per step, the last w-1 rows of the lattice at that step (`NCACache`), and a
+chunk of new positions costs K small updates whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NCAConfig:
+    channels: int = 32
+    mlp_hidden: int = 64
+    steps: int = 6
+    kernel_width: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "mlp_hidden", "steps", "kernel_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"NCAConfig.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def receptive_field(self) -> int:
+        """Number of earlier positions that can influence a cell after all steps."""
+        return self.steps * (self.kernel_width - 1)
+
+
+# Per step k, the last w-1 lattice rows at step k: a list of K tensors (B, w-1, C).
+NCACache = list[torch.Tensor]
+
+
+class NCACell(nn.Module):
+    """One shared update rule applied `steps` times with causal padding."""
+
+    def __init__(self, config: NCAConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.perceive = nn.Conv1d(c, 3 * c, kernel_size=config.kernel_width)
+        self.update = nn.Sequential(
+            nn.Linear(3 * c, config.mlp_hidden),
+            nn.LayerNorm(config.mlp_hidden),
+            nn.SiLU(),
+            nn.Linear(config.mlp_hidden, c),
+        )
+        self.gate = nn.Linear(3 * c, 1)
+
+    def empty_cache(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> NCACache:
+        """Return the cache of a sequence with no positions yet (zeros are the causal padding)."""
+        shape = (batch_size, self.config.kernel_width - 1, self.config.channels)
+        return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.config.steps)]
+
+    def grow(self, x: torch.Tensor, cache: NCACache | None = None,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, NCACache]:
+        """Run all steps over new positions `x` (B, T, C) that follow the ones in `cache`.
+
+        `valid` (B, T) marks real positions; padded ones are held at zero at every step so
+        they act exactly like the causal zero padding (a left-padded row grows as if alone).
+        Returns the lattice after the last step (B, T, C) and the cache for the next chunk.
+        With `cache=None` this is the full computation from an empty sequence.
+        """
+        if cache is None:
+            cache = self.empty_cache(x.shape[0], device=x.device, dtype=x.dtype)
+        keep = self.config.kernel_width - 1
+        mask = None if valid is None else valid.unsqueeze(-1)  # (B, T, 1)
+        if mask is not None:
+            x = torch.where(mask, x, torch.zeros_like(x))
+
+        new_cache: NCACache = []
+        for step in range(self.config.steps):
+            padded = torch.cat([cache[step], x], dim=1)  # (B, w-1+T, C)
+            new_cache.append(padded[:, padded.shape[1] - keep:, :])
+
+            perception = self.perceive(padded.transpose(1, 2)).transpose(1, 2)  # (B, T, 3C)
+
+            update = self.update(perception)
+            gate = torch.sigmoid(self.gate(perception))
+            x = gate * update + (1.0 - gate) * x
+
+            if mask is not None:
+                x = torch.where(mask, x, torch.zeros_like(x))
+        return x, new_cache
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.grow(x, None, valid)[0]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

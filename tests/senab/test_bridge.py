@@ -1,0 +1,233 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig
+
+from senab.bridge import (
+    Bridge, BridgeConfig, BridgeState, CheckpointError, UnsupportedArchitecture, attach_bridge,
+    freeze_base_model, load_checkpoint, lora_parameter_count, new_checkpoint,
+)
+from senab.generation import GenerationRequest, Generator, SamplingParams
+from senab.prompt import build_prompt
+from tests.helpers import make_tiny_llama
+
+SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def randomize_write_out(bridge: Bridge, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (bridge.write_k, bridge.write_v):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture
+def tiny():
+    model, tokenizer = make_tiny_llama(seed=0)
+    checkpoint = new_checkpoint(model.config)
+    handle = attach_bridge(model, checkpoint.bridge)
+    return model, tokenizer, checkpoint, handle
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    return build_prompt(tokenizer, [("user", text)]).ids
+
+
+def session(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=32).astype(np.float32)
+
+
+def test_parameter_count_on_smollm2():
+    bridge = Bridge(BridgeConfig.for_model(SMOLLM2_135M))
+    read_in, cell, write_out, gains, set_point = 576 * 32, 17825, 2 * (32 * 192 + 192), 8, 32
+
+    assert bridge.num_parameters() == read_in + cell + write_out + gains + set_point == 48969
+    assert bridge.num_parameters() <= 64_000
+    assert lora_parameter_count(SMOLLM2_135M, rank=32) == 1_474_560
+    assert bridge.num_parameters() <= 0.05 * lora_parameter_count(SMOLLM2_135M, rank=32)
+
+
+def test_zero_write_out_equals_base_greedy(tiny):
+    model, tokenizer, _, handle = tiny
+    prompt = prompt_ids(tokenizer, "What is the capital of France?")
+
+    base = Generator(model, tokenizer).generate([GenerationRequest(prompt, GREEDY)])[0]
+    bridged = Generator(model, tokenizer, handle).generate(
+        [GenerationRequest(prompt, GREEDY, session=session(0))])[0]
+
+    assert bridged.token_ids == base.token_ids
+    assert len(base.token_ids) > 0
+    assert bridged.readout is not None
+
+
+def test_disabled_bridge_equals_base_logits(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    ids = torch.tensor([prompt_ids(tokenizer, "Hello, world!")])
+    base = model(ids).logits
+    state = BridgeState(checkpoint.bridge, torch.from_numpy(session(0))[None], [0])
+
+    with handle.activate(state):
+        on = model(ids).logits
+    handle.enabled = False
+    with handle.activate(BridgeState(checkpoint.bridge, torch.from_numpy(session(0))[None], [0])):
+        off = model(ids).logits
+
+    assert not torch.allclose(on, base)
+    assert torch.equal(off, base)
+
+
+def test_detach_restores_original_modules(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    assert type(model.model.layers[-1].self_attn.k_proj) is not torch.nn.Linear
+
+    handle.detach()
+
+    assert all(type(layer.self_attn.k_proj) is torch.nn.Linear for layer in model.model.layers)
+    assert all(type(layer.self_attn.v_proj) is torch.nn.Linear for layer in model.model.layers)
+
+
+def test_incremental_decoding_equals_full_recompute(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    bridge = checkpoint.bridge
+    prompt = build_prompt(tokenizer, [("user", "Numbers: 1 2 3"), ("assistant", "4 5"), ("user", "Hello, world!")])
+    s = torch.from_numpy(session(3))[None]
+    result = Generator(model, tokenizer, handle).generate(
+        [GenerationRequest(prompt.ids, SamplingParams(max_tokens=20, temperature=0), session=s[0].numpy(),
+                           turn_start=prompt.turn_start)])[0]
+    tokens = prompt.ids + result.token_ids
+
+    with torch.no_grad():
+        full_state = BridgeState(bridge, s, [prompt.turn_start])
+        with handle.activate(full_state):
+            full_logits = model(torch.tensor([tokens[:-1]])).logits[0]  # (T-1, V)
+
+        step_state = BridgeState(bridge, s, [prompt.turn_start])
+        cache = DynamicCache(config=model.config)
+        with handle.activate(step_state):
+            out = model(torch.tensor([prompt.ids]), cache=cache, use_cache=True)
+            step_logits = [out.logits[0, -1]]
+            for token in result.token_ids[:-1]:
+                out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+                step_logits.append(out.logits[0, -1])
+
+    expected = full_logits[len(prompt.ids) - 1:]
+    torch.testing.assert_close(torch.stack(step_logits), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_state.readout(), full_state.readout(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result.readout, full_state.readout()[0].numpy(), atol=1e-5)
+    assert full_state.readout_count.item() == len(tokens) - 1 - prompt.turn_start
+
+
+def test_batch_of_two_sessions_matches_each_alone(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    generator = Generator(model, tokenizer, handle)
+    first = GenerationRequest(prompt_ids(tokenizer, "What is the capital of France?"), GREEDY, session=session(1))
+    second = GenerationRequest(prompt_ids(tokenizer, "Hi"), GREEDY, session=session(2))
+
+    alone = [generator.generate([request])[0] for request in (first, second)]
+    together = generator.generate([first, second])
+
+    for single, batched in zip(alone, together):
+        assert batched.token_ids == single.token_ids
+        np.testing.assert_allclose(batched.readout, single.readout, atol=1e-5)
+    assert alone[0].token_ids != alone[1].token_ids
+
+
+def test_batch_mixes_base_and_bridge_rows(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    prompt = prompt_ids(tokenizer, "Hello, world!")
+
+    base = Generator(model, tokenizer).generate([GenerationRequest(prompt, GREEDY)])[0]
+    mixed = Generator(model, tokenizer, handle).generate(
+        [GenerationRequest(prompt, GREEDY), GenerationRequest(prompt, GREEDY, session=session(4))])
+
+    assert mixed[0].token_ids == base.token_ids
+    assert mixed[0].readout is None
+    assert mixed[1].readout is not None
+
+
+def test_sessions_change_bridged_output(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    ids = torch.tensor([prompt_ids(tokenizer, "Hello")])
+    logits = []
+    for seed in (5, 6):
+        with torch.no_grad(), handle.activate(BridgeState(checkpoint.bridge, torch.from_numpy(session(seed))[None], [0])):
+            logits.append(model(ids).logits)
+
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_unsupported_architecture_rejected():
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config.model_type = "gpt2"
+
+    with pytest.raises(UnsupportedArchitecture, match="llama"):
+        BridgeConfig.for_model(config)
+
+
+def test_bridged_layers_out_of_range():
+    with pytest.raises(ValueError, match="bridged_layers"):
+        BridgeConfig(hidden_size=64, kv_width=32, num_model_layers=4, bridged_layers=5)
+
+
+def test_freeze_leaves_only_bridge_trainable(tiny):
+    model, _, checkpoint, _ = tiny
+    freeze_base_model(model, checkpoint.bridge)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable += sum(p.numel() for p in checkpoint.bridge.parameters()
+                     if p.requires_grad and not any(p is q for q in model.parameters()))
+
+    assert trainable == checkpoint.bridge.num_parameters()
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+    _, _, checkpoint, _ = tiny
+    randomize_write_out(checkpoint.bridge)
+    checkpoint.checkpoint_id = ""
+    checkpoint.__post_init__()
+    checkpoint.save(tmp_path)
+
+    loaded = load_checkpoint(tmp_path)
+
+    assert loaded.checkpoint_id == checkpoint.checkpoint_id
+    for name, tensor in checkpoint.bridge.state_dict().items():
+        assert torch.equal(loaded.bridge.state_dict()[name], tensor), name
+    assert loaded.homeostasis == checkpoint.homeostasis
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["trainable_parameters"] == checkpoint.bridge.num_parameters()
+
+
+def test_new_checkpoint_is_deterministic(tiny):
+    model = tiny[0]
+    assert new_checkpoint(model.config).checkpoint_id == new_checkpoint(model.config).checkpoint_id
+    assert new_checkpoint(model.config).checkpoint_id != new_checkpoint(model.config, seed=1).checkpoint_id
+
+
+@pytest.mark.parametrize("damage", ["missing_manifest", "bad_json", "missing_weights", "tampered_weights"])
+def test_checkpoint_damage_rejected(tmp_path, tiny, damage):
+    _, _, checkpoint, _ = tiny
+    checkpoint.save(tmp_path)
+    if damage == "missing_manifest":
+        (tmp_path / "manifest.json").unlink()
+    elif damage == "bad_json":
+        (tmp_path / "manifest.json").write_text("{not json")
+    elif damage == "missing_weights":
+        (tmp_path / "bridge.safetensors").unlink()
+    else:
+        other = new_checkpoint(tiny[0].config, seed=7)
+        other.save(tmp_path / "other")
+        (tmp_path / "bridge.safetensors").write_bytes((tmp_path / "other" / "bridge.safetensors").read_bytes())
+
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        load_checkpoint(tmp_path)

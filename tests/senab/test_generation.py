@@ -1,0 +1,167 @@
+import pytest
+import torch
+
+from senab.generation import (
+    GenerationRequest, Generator, IncrementalDetokenizer, SamplingParams, StopMatcher, sample_next_token,
+)
+from senab.prompt import build_prompt, conversation_digest
+from tests.helpers import make_tiny_llama, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+def prompt(tokenizer, text="Hello, world!") -> list[int]:
+    return build_prompt(tokenizer, [("user", text)]).ids
+
+
+@pytest.mark.parametrize("pieces, stops, emitted, stopped", [
+    (["Hello wor", "ld"], ("world",), "Hello ", True),
+    (["abc"], ("x",), "abc", False),
+    (["ab", "c<", "|e", "nd|>tail"], ("<|end|>",), "abc", True),
+    (["ab<", "|no"], ("<|end|>",), "ab<|no", False),
+    (["one", " two", " three"], ("two", "three"), "one ", True),
+    (["xy"], (), "xy", False),
+    (["aaab"], ("aab",), "a", True),
+])
+def test_stop_matcher_table(pieces, stops, emitted, stopped):
+    matcher = StopMatcher(stops)
+    out, found = "", False
+    for piece in pieces:
+        text, found = matcher.push(piece)
+        out += text
+        if found:
+            break
+    if not found:
+        out += matcher.flush()
+
+    assert out == emitted
+    assert found is stopped
+
+
+@pytest.mark.parametrize("text", ["plain ascii", "😀 emoji 😀😀", "é combining e\u0301", "שלום עולם", "日本語"])
+def test_detokenizer_never_splits_characters(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+
+    deltas = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    if text == "😀 emoji 😀😀":
+        assert len(ids) > len(text.split())  # the emoji really spans several tokens
+
+
+def test_generator_output_equals_decoded_tokens(tiny):
+    model, tokenizer = tiny
+    result = Generator(model, tokenizer).generate(
+        [GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=30, temperature=0))])[0]
+
+    assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 30
+
+
+def test_stop_string_never_leaks(tiny):
+    model, tokenizer = tiny
+    request = GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=30, temperature=0))
+    full = Generator(model, tokenizer).generate([request])[0].text
+    stop = full[7:10]
+    assert len(stop) == 3
+
+    stopped = Generator(model, tokenizer).generate(
+        [GenerationRequest(request.prompt_ids, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)))])[0]
+
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[:full.index(stop)]
+    assert stop not in stopped.text
+
+
+def test_eos_finishes_with_stop(tiny):
+    model, tokenizer = tiny
+    request = GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=30, temperature=0))
+    first = Generator(model, tokenizer).generate([request])[0].token_ids[3]
+
+    result = Generator(model, tokenizer, eos_token_ids={first}).generate([request])[0]
+
+    assert result.finish_reason == "stop"
+    assert first not in result.token_ids
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tokenizer = tiny
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=123)
+    generator = Generator(model, tokenizer)
+
+    a = generator.generate([GenerationRequest(prompt(tokenizer), params)])[0]
+    b = generator.generate([GenerationRequest(prompt(tokenizer), params)])[0]
+    c = generator.generate([GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=20, seed=124))])[0]
+
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_one_equals_greedy(tiny):
+    model, tokenizer = tiny
+    generator = Generator(model, tokenizer)
+    greedy = generator.generate([GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=15, temperature=0))])
+    top1 = generator.generate([GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=15, top_k=1, seed=1))])
+
+    assert top1[0].token_ids == greedy[0].token_ids
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    seen = {sample_next_token(logits, SamplingParams(top_p=0.7), [], torch.Generator().manual_seed(i))
+            for i in range(200)}
+
+    assert seen == {0, 1}
+
+
+def test_penalties_lower_repeated_tokens():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    assert sample_next_token(logits, SamplingParams(temperature=0), [0], None) == 0
+    assert sample_next_token(logits, SamplingParams(temperature=0, presence_penalty=0.5), [0], None) == 1
+    assert sample_next_token(logits, SamplingParams(temperature=0, frequency_penalty=0.06), [0, 0], None) == 1
+
+
+def test_cancel_finishes_row(tiny):
+    model, tokenizer = tiny
+    steps = list(Generator(model, tokenizer).stream(
+        [GenerationRequest(prompt(tokenizer), SamplingParams(max_tokens=30, temperature=0))],
+        should_cancel=lambda index: True))
+
+    assert steps[-1][0].finish_reason == "cancelled"
+    assert steps[-1][0].readout is None
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 0), ("temperature", -0.1), ("temperature", 2.5),
+                                           ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                           ("presence_penalty", 3.0), ("stop", ("",))])
+def test_sampling_params_validation(field, value):
+    with pytest.raises(ValueError, match=field if field != "stop" else "stop strings"):
+        SamplingParams(**{field: value})
+
+
+def test_turn_start_points_at_last_user_message(tokenizer):
+    messages = [("system", "Be brief."), ("user", "first question"), ("assistant", "an answer"),
+                ("user", "Second question")]
+    built = build_prompt(tokenizer, messages)
+    turn_text = tokenizer.decode(built.ids[built.turn_start:])
+
+    assert turn_text.startswith("Second question")
+    assert "first question" not in turn_text
+
+
+def test_conversation_digest_depends_on_every_message():
+    base = [("user", "a"), ("assistant", "b"), ("user", "c")]
+    assert conversation_digest("m", base) == conversation_digest("m", list(base))
+    assert conversation_digest("m", base) != conversation_digest("m", base[:-1] + [("user", "d")])
+    assert conversation_digest("m", base) != conversation_digest("m2", base)

@@ -1,0 +1,304 @@
+"""The HTTP API on a live server with a real Redis, driven by httpx and the openai SDK."""
+
+import asyncio
+import json
+
+import numpy as np
+import openai
+import pytest
+
+from senab.state import SessionRecord
+from tests.app.conftest import TINY
+
+SENAB = f"{TINY}+senab"
+HELLO = [{"role": "user", "content": "Hello, world!"}]
+
+
+def sse_events(text: str) -> list:
+    events = []
+    for block in text.strip().split("\n\n"):
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def assert_error(response, status: int, code: str, param: str | None = "unset"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["type"]
+    if param != "unset":
+        assert error["param"] == param
+    return error
+
+
+def test_two_turns_give_two_trajectory_points(live_server):
+    first = live_server.chat(HELLO)
+    assert first.status_code == 200, first.text
+    session_id = first.headers["X-Session-Id"]
+    assert len(session_id) == 32
+    reply = first.json()["choices"][0]["message"]["content"]
+
+    second = live_server.chat(HELLO + [{"role": "assistant", "content": reply},
+                                       {"role": "user", "content": "And then?"}], session_id=session_id)
+    assert second.status_code == 200, second.text
+    trajectory = live_server.client.get(f"/sessions/{session_id}/trajectory").json()
+    state = live_server.client.get(f"/sessions/{session_id}/state").json()
+
+    assert [p["turn"] for p in trajectory["points"]] == [1, 2]
+    assert second.json()["senab"]["turn"] == 2
+    assert state["turn"] == 2
+    assert state["state"] == trajectory["points"][-1]["state"]
+    assert len(state["state"]) == 32
+    assert state["checkpoint"] == live_server.served.checkpoint.checkpoint_id
+    assert state["distance"] == pytest.approx(second.json()["senab"]["distance"])
+    assert state["valence"] is None
+
+
+def test_trajectory_since_and_limit(live_server):
+    session_id = live_server.chat(HELLO).headers["X-Session-Id"]
+    for text in ("two", "three"):
+        assert live_server.chat([{"role": "user", "content": text}], session_id=session_id).status_code == 200
+
+    since = live_server.client.get(f"/sessions/{session_id}/trajectory", params={"since": 1}).json()
+    limited = live_server.client.get(f"/sessions/{session_id}/trajectory", params={"limit": 1}).json()
+
+    assert [p["turn"] for p in since["points"]] == [2, 3]
+    assert [p["turn"] for p in limited["points"]] == [1]
+
+
+def test_body_session_id_field(live_server):
+    response = live_server.client.post(
+        "/v1/chat/completions", json={"model": SENAB, "messages": HELLO, "session_id": "body-session-1"})
+
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Session-Id"] == "body-session-1"
+    assert response.json()["senab"]["session_id"] == "body-session-1"
+    live_server.client.delete("/sessions/body-session-1")
+
+
+def test_reset_and_delete(live_server):
+    session_id = live_server.chat(HELLO).headers["X-Session-Id"]
+
+    reset = live_server.client.post(f"/sessions/{session_id}/reset")
+    state = live_server.client.get(f"/sessions/{session_id}/state").json()
+    points = live_server.client.get(f"/sessions/{session_id}/trajectory").json()["points"]
+    deleted = live_server.client.delete(f"/sessions/{session_id}")
+    after = live_server.client.get(f"/sessions/{session_id}/state")
+
+    assert reset.status_code == 200
+    assert state["turn"] == 0
+    assert state["distance"] == 0.0
+    assert points == []
+    assert deleted.json() == {"id": session_id, "object": "session", "deleted": True}
+    assert_error(after, 404, "session_not_found")
+
+
+def test_stream_joins_to_non_streamed_reply(live_server):
+    plain = live_server.chat(HELLO, max_tokens=20).json()
+    streamed = live_server.chat(HELLO, max_tokens=20, stream=True, stream_options={"include_usage": True})
+
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(streamed.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish[0]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert finish[0]["senab"]["turn"] == 1
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == plain["usage"]
+
+
+def test_stop_strings(live_server):
+    full = live_server.chat(HELLO, max_tokens=30).json()["choices"][0]["message"]["content"]
+    stop = full[5:8]
+
+    stopped = live_server.chat(HELLO, max_tokens=30, stop=[stop, "never-there"]).json()
+    streamed = live_server.chat(HELLO, max_tokens=30, stop=stop, stream=True)
+    streamed_text = "".join(c["choices"][0]["delta"].get("content") or ""
+                            for c in sse_events(streamed.text)[:-1] if c["choices"])
+
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["message"]["content"] == full[:full.index(stop)]
+    assert streamed_text == full[:full.index(stop)]
+
+
+def test_retried_turn_is_not_applied_twice(live_server):
+    first = live_server.chat(HELLO, session_id="retry-session")
+    again = live_server.chat(HELLO, session_id="retry-session")
+    points = live_server.client.get("/sessions/retry-session/trajectory").json()["points"]
+
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert again.json()["senab"]["turn"] == 1
+    assert len(points) == 1
+    live_server.client.delete("/sessions/retry-session")
+
+
+def test_base_model_turn_leaves_state(live_server):
+    session_id = live_server.chat(HELLO).headers["X-Session-Id"]
+    before = live_server.client.get(f"/sessions/{session_id}/state").json()
+
+    base = live_server.chat([{"role": "user", "content": "Other"}], model=TINY, session_id=session_id)
+    after = live_server.client.get(f"/sessions/{session_id}/state").json()
+
+    assert base.status_code == 200
+    assert base.json()["model"] == TINY
+    assert base.json()["senab"]["turn"] == 1
+    assert after == before
+
+
+def test_models_list(live_server):
+    models = live_server.client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [TINY, SENAB]
+
+
+def test_health_and_ready(live_server):
+    assert live_server.client.get("/healthz").json() == {"status": "ok"}
+    ready = live_server.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["store"] == "redis"
+
+
+BAD_REQUESTS = [
+    ("no messages", {"model": SENAB, "messages": []}, 400, "invalid_request", "messages"),
+    ("unknown role", {"model": SENAB, "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request",
+     "messages.0.role"),
+    ("missing role", {"model": SENAB, "messages": [{"content": "x"}]}, 400, "invalid_request", "messages.0.role"),
+    ("null content", {"model": SENAB, "messages": [{"role": "user", "content": None}]}, 400, "invalid_request",
+     "messages.0.content"),
+    ("image part", {"model": SENAB, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]}, 400, "invalid_request",
+     "messages.0.content"),
+    ("n above 1", {"model": SENAB, "messages": HELLO, "n": 2}, 400, "invalid_request", "n"),
+    ("negative temperature", {"model": SENAB, "messages": HELLO, "temperature": -0.5}, 400, "invalid_request",
+     "temperature"),
+    ("temperature above 2", {"model": SENAB, "messages": HELLO, "temperature": 2.5}, 400, "invalid_request",
+     "temperature"),
+    ("top_p zero", {"model": SENAB, "messages": HELLO, "top_p": 0}, 400, "invalid_request", "top_p"),
+    ("max_tokens zero", {"model": SENAB, "messages": HELLO, "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
+    ("max_tokens over cap", {"model": SENAB, "messages": HELLO, "max_tokens": 201}, 400, "invalid_request",
+     "max_tokens"),
+    ("five stops", {"model": SENAB, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request",
+     "stop"),
+    ("tools", {"model": SENAB, "messages": HELLO, "tools": [{"type": "function"}]}, 400, "invalid_request", "tools"),
+    ("ends with assistant", {"model": SENAB, "messages": HELLO + [{"role": "assistant", "content": "x"}]}, 400,
+     "invalid_request", "messages.1.role"),
+    ("only system", {"model": SENAB, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request",
+     "messages.0.role"),
+    ("unknown model", {"model": "gpt-4o", "messages": HELLO}, 404, "model_not_found", "model"),
+    ("bad session id", {"model": SENAB, "messages": HELLO, "session_id": "a b{c}"}, 400, "invalid_request",
+     "session_id"),
+    ("long session id", {"model": SENAB, "messages": HELLO, "session_id": "x" * 129}, 400, "invalid_request",
+     "session_id"),
+    ("prompt over context", {"model": SENAB, "messages": [{"role": "user", "content": "Hello, world! " * 200}]},
+     400, "context_length_exceeded", "messages"),
+    ("prompt plus max_tokens over context", {"model": SENAB, "max_tokens": 200,
+                                             "messages": [{"role": "user", "content": "Hello, world! " * 10}]},
+     400, "context_length_exceeded", "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("body, status, code, param", [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_table(live_server, body, status, code, param):
+    assert_error(live_server.client.post("/v1/chat/completions", json=body), status, code, param)
+
+
+def test_invalid_json(live_server):
+    response = live_server.client.post("/v1/chat/completions", content=b'{"model": ',
+                                       headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "invalid_request", None)
+    assert "JSON" in error["message"]
+
+
+def test_body_too_large(live_server):
+    body = {"model": SENAB, "messages": [{"role": "user", "content": "x" * 30_000}]}
+    assert_error(live_server.client.post("/v1/chat/completions", json=body), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/sessions/nope/state"), ("GET", "/sessions/nope/trajectory"),
+                                          ("POST", "/sessions/nope/reset"), ("DELETE", "/sessions/nope")])
+def test_unknown_session_endpoints(live_server, method, path):
+    assert_error(live_server.client.request(method, path), 404, "session_not_found")
+
+
+def test_invalid_session_id_on_state_endpoint(live_server):
+    assert_error(live_server.client.get("/sessions/" + "y" * 129 + "/state"), 400, "invalid_request")
+
+
+def test_record_from_other_checkpoint_rejected(live_server, redis_url):
+    foreign = SessionRecord.start("ffffffffffffffff", np.zeros(32, np.float32)).encode()
+    asyncio.run(_write_record(redis_url, live_server, "foreign-session", foreign))
+
+    state = live_server.client.get("/sessions/foreign-session/state")
+    chat = live_server.chat(HELLO, session_id="foreign-session")
+    stored = asyncio.run(_read_record(redis_url, live_server, "foreign-session"))
+    reset = live_server.client.post("/sessions/foreign-session/reset")
+    after = live_server.chat(HELLO, session_id="foreign-session")
+
+    assert "reset" in assert_error(state, 409, "state_invalid")["message"]
+    assert_error(chat, 409, "state_invalid")
+    assert stored == foreign
+    assert reset.status_code == 200
+    assert after.status_code == 200
+    live_server.client.delete("/sessions/foreign-session")
+
+
+async def _write_record(redis_url: str, live_server, session_id: str, record: bytes) -> None:
+    from app.store import RedisStateStore
+
+    store = RedisStateStore(redis_url, prefix=live_server.store.prefix)
+    await store.commit("default", session_id, expected_version=0, record=record)
+    await store.close()
+
+
+async def _read_record(redis_url: str, live_server, session_id: str) -> bytes:
+    from app.store import RedisStateStore
+
+    store = RedisStateStore(redis_url, prefix=live_server.store.prefix)
+    stored = await store.load("default", session_id)
+    await store.close()
+    return stored.record
+
+
+def test_openai_sdk_non_streaming(live_server):
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused")
+    completion = client.chat.completions.create(model=SENAB, messages=HELLO, max_tokens=12,
+                                                extra_headers={"X-Session-Id": "sdk-session"})
+
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens >= 1
+    assert completion.model_extra["senab"]["session_id"] == "sdk-session"
+    assert completion.model_extra["senab"]["turn"] == 1
+    live_server.client.delete("/sessions/sdk-session")
+
+
+def test_openai_sdk_streaming(live_server):
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model=SENAB, messages=HELLO, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    plain = client.chat.completions.create(model=SENAB, messages=HELLO, max_tokens=12)
+
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
+
+
+def test_openai_sdk_errors(live_server):
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="nope", messages=HELLO)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=SENAB, messages=HELLO, n=3)
+
+    assert not_found.value.code == "model_not_found"
+    assert bad.value.param == "n"

@@ -120,13 +120,15 @@ class Turn:
 
 class ChatService:
     def __init__(self, engine: Engine, sessions: SessionService, *, max_tokens_default: int,
-                 max_tokens_cap: int, request_timeout_s: float, default_temperature: float = 1.0) -> None:
+                 max_tokens_cap: int, request_timeout_s: float, default_temperature: float = 1.0,
+                 default_top_p: float = 1.0) -> None:
         self.engine = engine
         self.sessions = sessions
         self.max_tokens_default = max_tokens_default
         self.max_tokens_cap = max_tokens_cap
         self.request_timeout_s = request_timeout_s
         self.default_temperature = default_temperature
+        self.default_top_p = default_top_p
 
     @property
     def model_names(self) -> list[str]:
@@ -164,7 +166,8 @@ class ChatService:
 
             prompt = build_prompt(self.engine.served.tokenizer, messages)
             max_tokens = self._max_tokens(request, len(prompt.ids))
-            params = request.sampling_params(max_tokens, self.default_temperature)
+            params = request.sampling_params(max_tokens, default_temperature=self.default_temperature,
+                                             default_top_p=self.default_top_p)
             job = self.engine.submit(
                 GenerationRequest(prompt.ids, params, session=session.record.state if use_bridge else None,
                                   turn_start=prompt.turn_start),

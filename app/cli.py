@@ -28,6 +28,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.config import Settings
+    from app.main import create_app, load_served_model
+    from senab.bridge import CheckpointError
+    from senab.models import ModelError
 
     for flag, env, _ in SERVE_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -36,12 +39,21 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"error: invalid setting: {exc}", file=sys.stderr)
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            env = "REDIS_URL" if field == "redis_url" else f"SENAB_{field.upper()}"
+            print(f"error: invalid setting {env}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
         return 2
     model_cli.configure_logging(settings.log_level)
+    # Loading before uvicorn starts turns a missing or corrupt model into one error line.
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    log_config=None, timeout_graceful_shutdown=30)
+        served = load_served_model(settings)
+    except (ModelError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, served=served)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
     except SystemExit as exc:  # uvicorn exits this way when start-up fails
         return int(exc.code or 1)
     return 0

@@ -33,8 +33,11 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="Idle time after which a session expires, seconds.")
     trajectory_max: int = Field(1000, ge=1, description="Points kept per session trajectory (oldest dropped).")
     max_tokens_default: int = Field(512, ge=1, description="max_tokens when a request sets none.")
+    # The SmolLM2-135M-Instruct model card samples with temperature 0.2 and top_p 0.9; at
+    # OpenAI's defaults (1.0, 1.0) a 135M model drifts off topic within a few sentences.
     default_temperature: float = Field(
-        1.0, ge=0, le=2, description="Temperature when a request sets none (OpenAI's default is 1; 0 is greedy).")
+        0.2, ge=0, le=2, description="Temperature when a request sets none (0 is greedy).")
+    default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request sets none.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before new ones get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")

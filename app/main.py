@@ -133,7 +133,8 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
             settings=settings, engine=engine, store=state_store, sessions=session_service,
             chat=ChatService(engine, session_service, max_tokens_default=settings.max_tokens_default,
                              max_tokens_cap=settings.max_tokens_cap, request_timeout_s=settings.request_timeout_s,
-                             default_temperature=settings.default_temperature),
+                             default_temperature=settings.default_temperature,
+                             default_top_p=settings.default_top_p),
         )
         logger.info("serving %s and %s on %s (%s), bridge checkpoint %s, %d trainable bridge parameters; "
                     "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype,

@@ -130,11 +130,12 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def sampling_params(self, max_tokens: int, default_temperature: float = 1.0) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, *, default_temperature: float = 1.0,
+                        default_top_p: float = 1.0) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            top_p=default_top_p if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
             seed=self.seed,
             presence_penalty=self.presence_penalty,

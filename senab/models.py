@@ -463,7 +463,7 @@ def resolve_model(spec: str | None, *, home: Path | None = None, pull: bool = Tr
         known = ", ".join(KNOWN_MODELS)
         raise ModelError(
             f"Model {spec!r} not found: it is not a known model ({known}), an existing path, "
-            f"or a hub id (owner/name). {SPEC_HINT.capitalize()}"
+            f"or a hub id (owner/name). To serve another model, {SPEC_HINT}"
         )
     return ResolvedModel(name=spec, path=spec, source="hub")
 

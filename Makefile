@@ -1,0 +1,34 @@
+# Set-up is idempotent: the first target that needs .venv creates it, later runs reuse it
+# until pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A pinned torch keeps pip from pulling a multi-GB CUDA build on CPU machines; on a
+# machine with an NVIDIA GPU the same pin takes PyPI's CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test pull clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+pull: $(STAMP)
+	$(BIN)/senab models pull
+
+run: $(STAMP)
+	@if [ -z "$$SENAB_MODEL" ]; then $(BIN)/senab models pull >/dev/null; fi
+	$(BIN)/senab serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,160 @@
+"""End to end: `senab serve` with the real SmolLM2-135M-Instruct, Redis, and the openai SDK.
+
+The model is pulled once per machine into $SENAB_TEST_HOME (default ~/.cache/senab).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from senab.models import DEFAULT_MODEL, pull_model
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+SENAB_MODEL = f"{DEFAULT_MODEL}+senab"
+QUESTION = [{"role": "user", "content": "List three benefits of exercise."}]
+BENEFIT_WORDS = ("health", "heart", "weight", "mood", "energy", "sleep", "strength", "stress", "muscle", "mental")
+
+
+class ServerProcess:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def senab_home() -> Path:
+    home = Path(os.environ.get("SENAB_TEST_HOME") or Path.home() / ".cache" / "senab")
+    pull_model(home=home, progress=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def server_env(senab_home, redis_url):
+    prefix = f"senab-e2e-{uuid.uuid4().hex}"
+    yield {"SENAB_HOME": str(senab_home), "REDIS_URL": redis_url, "SENAB_REDIS_PREFIX": prefix,
+           "SENAB_DEFAULT_TEMPERATURE": "0"}
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def server(server_env, tmp_path_factory):
+    process = ServerProcess(server_env, tmp_path_factory.mktemp("e2e") / "server.log")
+    yield process
+    process.stop()
+
+
+def client_for(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_are_listed(server):
+    ids = [m.id for m in client_for(server).models.list()]
+    assert ids == [DEFAULT_MODEL, SENAB_MODEL]
+
+
+def test_sensible_answer_and_two_turn_trajectory(server):
+    client = client_for(server)
+    first = client.chat.completions.create(model=SENAB_MODEL, messages=QUESTION, max_tokens=150)
+    answer = first.choices[0].message.content
+    session_id = first.model_extra["senab"]["session_id"]
+
+    assert any(word in answer.lower() for word in BENEFIT_WORDS), answer
+    assert "<|im_end|>" not in answer
+    assert first.model_extra["senab"]["turn"] == 1
+
+    stream = client.chat.completions.create(
+        model=SENAB_MODEL, stream=True, max_tokens=60, extra_headers={"X-Session-Id": session_id},
+        messages=QUESTION + [{"role": "assistant", "content": answer},
+                             {"role": "user", "content": "Which one matters most for sleep?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    trajectory = httpx.get(f"{server.url}/sessions/{session_id}/trajectory").json()
+
+    assert len(text) > 10
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["senab"]["turn"] == 2
+    assert [p["turn"] for p in trajectory["points"]] == [1, 2]
+    assert trajectory["points"][1]["distance"] > 0
+
+
+def test_streamed_reply_equals_plain_reply(server):
+    client = client_for(server)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, max_tokens=30)
+    stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, max_tokens=30, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert text == plain.choices[0].message.content
+    assert "Paris" in text
+
+
+def test_trajectory_survives_restart(server_env, tmp_path):
+    first = ServerProcess(server_env, tmp_path / "first.log")
+    try:
+        reply = client_for(first).chat.completions.create(
+            model=SENAB_MODEL, messages=[{"role": "user", "content": "Hi there!"}], max_tokens=20,
+            extra_headers={"X-Session-Id": "restart-session"})
+        before = httpx.get(f"{first.url}/sessions/restart-session/state").json()
+    finally:
+        first.stop()
+
+    second = ServerProcess(server_env, tmp_path / "second.log")
+    try:
+        after = httpx.get(f"{second.url}/sessions/restart-session/state").json()
+        points = httpx.get(f"{second.url}/sessions/restart-session/trajectory").json()["points"]
+    finally:
+        second.stop()
+
+    assert reply.model_extra["senab"]["turn"] == 1
+    assert after == before
+    assert len(points) == 1
+    log = (tmp_path / "second.log").read_text()
+    assert re.search(r"session state is kept in Redis at redis://", log)

@@ -31,9 +31,14 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 }
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+def _check_unicode(text: str, what: str) -> None:
+    """Reject unpaired UTF-16 surrogates (JSON allows "\\ud800"; UTF-8 and tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} contains an unpaired surrogate {text[exc.start]!r} at index {exc.start}; send valid Unicode"
+        ) from None
 
 
 class ChatMessage(BaseModel):
@@ -56,7 +61,10 @@ class ChatMessage(BaseModel):
                         f"content part {i} has type {kind!r}; only text parts "
                         f"({{\"type\": \"text\", \"text\": ...}}) are supported"
                     )
-        elif not isinstance(value, str):
+                _check_unicode(part["text"], f"content part {i}")
+        elif isinstance(value, str):
+            _check_unicode(value, "content")
+        else:
             raise ValueError(f"content must be a string or a list of text parts, not {type(value).__name__}")
         return value
 
@@ -98,8 +106,10 @@ class ChatCompletionRequest(BaseModel):
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
+        for stop in stops:
+            if stop == "":
+                raise ValueError("stop strings must not be empty")
+            _check_unicode(stop, "a stop string")
         return value
 
     def check_supported(self) -> None:

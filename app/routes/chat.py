@@ -34,8 +34,8 @@ async def create_chat_completion(
     headers = {"X-Session-Id": turn.session_id}
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return StreamingResponse(_stream(turn, include_usage), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return TurnStreamingResponse(turn, _stream(turn, include_usage), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
 
     try:
         async for _ in turn.stream():
@@ -49,6 +49,24 @@ async def create_chat_completion(
         senab=turn.senab_info(),
     )
     return JSONResponse(completion.model_dump(), headers=headers)
+
+
+class TurnStreamingResponse(StreamingResponse):
+    """A stream that always closes its turn, even if the client left before the first chunk.
+
+    The event generator's own `finally` does not run when it is never started, and the turn
+    holds the session's lock until it is closed.
+    """
+
+    def __init__(self, turn: Turn, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.turn = turn
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.turn.close()
 
 
 def _usage(turn: Turn) -> Usage:

@@ -154,6 +154,41 @@ def test_base_model_turn_leaves_state(live_server):
     assert after == before
 
 
+@pytest.fixture
+def slow_model(live_server):
+    """Make each forward pass take 20 ms so a test can act while a reply is being decoded."""
+    import time
+
+    handle = live_server.served.model.register_forward_pre_hook(lambda *args: time.sleep(0.02))
+    yield
+    handle.remove()
+
+
+def test_disconnect_mid_stream_commits_nothing(live_server, slow_model):
+    body = {"model": SENAB, "messages": HELLO, "max_tokens": 150, "stream": True}
+    with live_server.client.stream("POST", "/v1/chat/completions", json=body,
+                                   headers={"X-Session-Id": "cut-session"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+
+    follow_up = live_server.chat(HELLO, session_id="cut-session", max_tokens=4)
+    points = live_server.client.get("/sessions/cut-session/trajectory").json()["points"]
+
+    assert follow_up.status_code == 200
+    assert follow_up.json()["senab"]["turn"] == 1
+    assert [p["turn"] for p in points] == [1]
+    live_server.client.delete("/sessions/cut-session")
+
+
+def test_unicode_round_trip(live_server):
+    text = "emoji 😀, combining e\u0301, right-to-left שלום, 日本語"
+    response = live_server.chat([{"role": "user", "content": text}], max_tokens=8, session_id="unicode-session")
+
+    assert response.status_code == 200
+    assert response.json()["senab"]["turn"] == 1
+    live_server.client.delete("/sessions/unicode-session")
+
+
 def test_models_list(live_server):
     models = live_server.client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [TINY, SENAB]
@@ -192,6 +227,9 @@ BAD_REQUESTS = [
      "invalid_request", "messages.1.role"),
     ("only system", {"model": SENAB, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request",
      "messages.0.role"),
+    ("lone surrogate", {"model": SENAB, "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
+     "invalid_request", "messages.0.content"),
+    ("lone surrogate stop", {"model": SENAB, "messages": HELLO, "stop": ["\udfff"]}, 400, "invalid_request", "stop"),
     ("unknown model", {"model": "gpt-4o", "messages": HELLO}, 404, "model_not_found", "model"),
     ("bad session id", {"model": SENAB, "messages": HELLO, "session_id": "a b{c}"}, 400, "invalid_request",
      "session_id"),
@@ -208,7 +246,10 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("body, status, code, param", [case[1:] for case in BAD_REQUESTS],
                          ids=[case[0] for case in BAD_REQUESTS])
 def test_bad_request_table(live_server, body, status, code, param):
-    assert_error(live_server.client.post("/v1/chat/completions", json=body), status, code, param)
+    # json.dumps escapes non-ASCII, so a lone surrogate travels as "\ud800" as a client would send it.
+    response = live_server.client.post("/v1/chat/completions", content=json.dumps(body),
+                                       headers={"Content-Type": "application/json"})
+    assert_error(response, status, code, param)
 
 
 def test_invalid_json(live_server):

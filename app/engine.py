@@ -4,9 +4,9 @@ Requests wait in a bounded queue (a full queue is a 429) and a single worker thr
 them through `senab.generation.Generator`, one request at a time. Text deltas cross from
 the worker thread to the request's event loop through an `asyncio.Queue`.
 
-NOTE: requests run one after another; continuous batching (new sequences joining the
-decode batch at step boundaries) is not implemented yet, so aggregate throughput does not
-grow with concurrent streams.
+NOTE: requests run one after another, so aggregate throughput does not grow with
+concurrent streams. Continuous batching (new sequences joining the decode batch at step
+boundaries) is not implemented yet.
 """
 
 from __future__ import annotations
@@ -51,17 +51,6 @@ class ServedModel:
     @property
     def set_point(self) -> np.ndarray:
         return self.checkpoint.bridge.set_point.detach().float().cpu().numpy()
-
-
-@dataclass
-class Completion:
-    """Final totals of one generation."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    readout: np.ndarray | None
 
 
 class Job:

@@ -28,7 +28,7 @@ SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "senab" / "weights"
 
 
 def load_served_model(settings: Settings) -> ServedModel:
-    """Load the base model and its bridge checkpoint as the settings say."""
+    """Load the base model and the bridge checkpoint named by the settings."""
     from senab.bridge import load_checkpoint, new_checkpoint
     from senab.models import load_model
 

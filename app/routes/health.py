@@ -17,13 +17,13 @@ _STARTED = int(time.time())
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
-    """The process is alive."""
+    """Report that the process is alive."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """The model is loaded and the state store answers."""
+    """Report whether the model is loaded and the state store replies to a ping."""
     if not services.engine.ready:
         return JSONResponse(error_body("The model is not loaded.", "server_error", None, "model_unavailable"),
                             status_code=503)
@@ -36,5 +36,5 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(services: ServicesDep) -> ModelList:
-    """The base model and the same model with the SENAB bridge."""
+    """List the base model and the same model with the SENAB bridge."""
     return ModelList(data=[ModelCard(id=name, created=_STARTED) for name in services.chat.model_names])

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/sessions")
 
 @router.get("/{session_id}/state", response_model=SessionState)
 async def get_state(session_id: str, services: ServicesDep, tenant: TenantDep) -> SessionState:
-    """The session's current state vector and affect."""
+    """Return the session's current state vector and affect."""
     check_session_id(session_id)
     loaded = await services.sessions.require(tenant, session_id)
     record = loaded.record
@@ -31,7 +31,7 @@ async def get_trajectory(
     since: Annotated[int | None, Query(ge=0, description="Only points with a turn greater than this.")] = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000, description="At most this many points.")] = None,
 ) -> Trajectory:
-    """The state after each committed turn, oldest first."""
+    """Return the state after each committed turn, oldest first."""
     check_session_id(session_id)
     points = await services.sessions.trajectory(tenant, session_id, since=since, limit=limit)
     return Trajectory(session_id=session_id, points=[

@@ -343,3 +343,32 @@ def test_openai_sdk_errors(live_server):
 
     assert not_found.value.code == "model_not_found"
     assert bad.value.param == "n"
+
+
+def test_store_down_gives_503(tiny_served):
+    from app.config import Settings
+    from app.main import create_app
+    from app.store import RedisStateStore
+    from tests.app.conftest import run_server
+    from tests.conftest import free_port
+
+    import httpx
+
+    store = RedisStateStore(f"redis://:secretpw@127.0.0.1:{free_port()}/0")
+    port = free_port()
+    server, thread = run_server(create_app(Settings(default_temperature=0), served=tiny_served, store=store), port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            ready = client.get("/readyz")
+            chat = client.post("/v1/chat/completions", json={"model": SENAB, "messages": HELLO})
+            state = client.get("/sessions/abc/state")
+            health = client.get("/healthz")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    assert ready.status_code == 503
+    assert_error(chat, 503, "store_unavailable")
+    assert_error(state, 503, "store_unavailable")
+    assert "secretpw" not in chat.text
+    assert health.status_code == 200

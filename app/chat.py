@@ -44,6 +44,7 @@ class Turn:
         self.job = job
         self.replay = replay
         self._release = release
+        self._closed = False
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.text = ""
@@ -101,14 +102,12 @@ class Turn:
                 completion_tokens=self.completion_tokens)
             logger.info("request %s: session %s committed turn %d", self.request_id, self.session_id,
                         self.record.turn)
-        elif self.session.version == 0:
-            # A base-model turn leaves the state alone but still creates a new session,
-            # so the id it returned can be used on the session endpoints.
-            await sessions.store.commit(self.tenant, self.session_id, expected_version=0,
-                                        record=self.record.encode())
 
     def close(self) -> None:
         """Cancel decoding if it is still running and release the session lock (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.job is not None and self.finish_reason is None:
             self.job.cancel()
             logger.info("request %s: turn on session %s cancelled before it finished; nothing committed",
@@ -151,6 +150,7 @@ class ChatService:
                          request_id: str) -> Turn:
         request.check_supported()
         use_bridge = self.resolve_model(request.model)
+        given_id = header_session_id is not None or request.session_id is not None
         session_id = self._session_id(header_session_id, request.session_id)
         messages = [(m.role, m.text()) for m in request.messages]
         digest = conversation_digest(request.model, messages)
@@ -158,7 +158,11 @@ class ChatService:
         lock = self.sessions.lock(tenant, session_id)
         await lock.acquire()
         try:
-            session = await self.sessions.load_or_start(tenant, session_id)
+            if use_bridge or given_id:
+                session = await self.sessions.load_or_start(tenant, session_id)
+            else:
+                # A base-model request never writes state, so a new id needs no store round trip.
+                session = self.sessions.start(session_id)
             common = dict(tenant=tenant, session=session, model=request.model, use_bridge=use_bridge,
                           digest=digest, request_id=request_id, release=lock.release)
             if use_bridge and session.record.turn > 0 and session.record.last_digest == digest:

@@ -50,8 +50,11 @@ class SessionService:
         return lock
 
     def affect(self, state: np.ndarray) -> Affect:
-        return read_affect(state, self.set_point, arousal_scale=self.checkpoint.arousal_scale,
-                           probe=self.checkpoint.probe)
+        """Return the affect at float32 precision, the precision trajectory points store."""
+        affect = read_affect(state, self.set_point, arousal_scale=self.checkpoint.arousal_scale,
+                             probe=self.checkpoint.probe)
+        return Affect(valence=None if affect.valence is None else float(np.float32(affect.valence)),
+                      arousal=float(np.float32(affect.arousal)), distance=float(np.float32(affect.distance)))
 
     def _decode(self, session_id: str, stored: StoredSession) -> SessionRecord:
         try:
@@ -70,11 +73,13 @@ class SessionService:
             return None
         return LoadedSession(session_id, self._decode(session_id, stored), stored.version)
 
+    def start(self, session_id: str) -> LoadedSession:
+        """Return a session at the set-point that is not stored yet (version 0)."""
+        return LoadedSession(session_id, SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point), 0)
+
     async def load_or_start(self, tenant: str, session_id: str) -> LoadedSession:
         loaded = await self.load(tenant, session_id)
-        if loaded is None:
-            return LoadedSession(session_id, SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point), 0)
-        return loaded
+        return self.start(session_id) if loaded is None else loaded
 
     async def require(self, tenant: str, session_id: str) -> LoadedSession:
         loaded = await self.load(tenant, session_id)

@@ -66,7 +66,7 @@ CHATML_TEMPLATE = (
 )
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-SPEC_HINT = "set SENAB_MODEL to a model directory, a .gguf file, or a hub id"
+SPEC_HINT = "set --model (or SENAB_MODEL) to a model directory, a .gguf file, or a hub id"
 
 Source = Literal["default", "directory", "gguf", "hub"]
 

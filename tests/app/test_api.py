@@ -189,6 +189,30 @@ def test_unicode_round_trip(live_server):
     live_server.client.delete("/sessions/unicode-session")
 
 
+def test_base_model_without_session_writes_nothing(live_server, redis_url, redis_prefix):
+    import redis
+
+    response = live_server.chat(HELLO, model=TINY)
+    session_id = response.headers["X-Session-Id"]
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{redis_prefix}:*{session_id}*"))
+    client.close()
+
+    assert response.status_code == 200
+    assert response.json()["senab"]["turn"] == 0
+    assert keys == []
+    assert_error(live_server.client.get(f"/sessions/{session_id}/state"), 404, "session_not_found")
+
+
+def test_state_and_trajectory_agree(live_server):
+    session_id = live_server.chat(HELLO).headers["X-Session-Id"]
+    state = live_server.client.get(f"/sessions/{session_id}/state").json()
+    point = live_server.client.get(f"/sessions/{session_id}/trajectory").json()["points"][-1]
+
+    for field in ("arousal", "distance", "valence", "state"):
+        assert state[field] == point[field], field
+
+
 def test_models_list(live_server):
     models = live_server.client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [TINY, SENAB]

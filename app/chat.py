@@ -9,12 +9,13 @@ gone, error) commits nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import AsyncIterator
 
 from app.engine import Engine
-from app.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout
+from app.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, RequestTimeout
 from app.protocol import ChatCompletionRequest, SenabInfo, check_session_id
 from app.sessions import LoadedSession, SessionService
 from senab.generation import GenerationRequest
@@ -128,6 +129,10 @@ class ChatService:
         self.request_timeout_s = request_timeout_s
         self.default_temperature = default_temperature
         self.default_top_p = default_top_p
+        # Requests waiting for one session's lock are not in the engine queue, so they get
+        # their own limit (the engine queue's size).
+        self.max_waiting_per_session = engine.max_queue
+        self._waiting: dict[tuple[str, str], int] = {}
 
     @property
     def model_names(self) -> list[str]:
@@ -155,8 +160,26 @@ class ChatService:
         messages = [(m.role, m.text()) for m in request.messages]
         digest = conversation_digest(request.model, messages)
 
+        # Tokenizing a long conversation takes up to a second, so it runs off the event loop.
+        prompt = await asyncio.to_thread(build_prompt, self.engine.served.tokenizer, messages)
+        max_tokens = self._max_tokens(request, len(prompt.ids))
+        params = request.sampling_params(max_tokens, default_temperature=self.default_temperature,
+                                         default_top_p=self.default_top_p)
+
+        key = (tenant, session_id)
+        if self._waiting.get(key, 0) >= self.max_waiting_per_session:
+            raise QueueFull(
+                f"{self.max_waiting_per_session} requests are already waiting for session '{session_id}'; "
+                "retry after 1 s.", headers={"Retry-After": "1"})
         lock = self.sessions.lock(tenant, session_id)
-        await lock.acquire()
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            await lock.acquire()
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+
         try:
             if use_bridge or given_id:
                 session = await self.sessions.load_or_start(tenant, session_id)
@@ -168,10 +191,6 @@ class ChatService:
             if use_bridge and session.record.turn > 0 and session.record.last_digest == digest:
                 return Turn(self, prompt_tokens=session.record.last_prompt_tokens, replay=session.record, **common)
 
-            prompt = build_prompt(self.engine.served.tokenizer, messages)
-            max_tokens = self._max_tokens(request, len(prompt.ids))
-            params = request.sampling_params(max_tokens, default_temperature=self.default_temperature,
-                                             default_top_p=self.default_top_p)
             job = self.engine.submit(
                 GenerationRequest(prompt.ids, params, session=session.record.state if use_bridge else None,
                                   turn_start=prompt.turn_start),

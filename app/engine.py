@@ -111,6 +111,10 @@ class Engine:
         return self._worker is not None and self._worker.is_alive()
 
     @property
+    def max_queue(self) -> int:
+        return self._queue.maxsize
+
+    @property
     def waiting(self) -> int:
         return self._queue.qsize()
 

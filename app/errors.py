@@ -116,10 +116,14 @@ def service_error_body(exc: ServiceError) -> dict[str, Any]:
     return error_body(exc.message, exc.error_type, exc.param, exc.code)
 
 
+_LOCATIONS = {"body", "query", "path", "header"}
+
+
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    # Drop the leading "body" and the pydantic union-branch names so the param reads
-    # like OpenAI's, e.g. "messages.0.role".
-    parts = [str(p) for p in loc if p != "body"]
+    # Drop the request location and pydantic's union-branch tags ("str", "list[str]",
+    # "function-after[...]") so the param reads like OpenAI's, e.g. "messages.0.role".
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in _LOCATIONS else [str(p) for p in loc]
+    parts = [p for p in parts if not (p in {"str", "int", "float", "bool"} or "[" in p)]
     return ".".join(parts) or None
 
 
@@ -149,8 +153,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error")
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

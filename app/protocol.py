@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.errors import InvalidRequest
 from senab.generation import SamplingParams
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 MAX_STOP_STRINGS = 4
 
 Role = Literal["system", "developer", "user", "assistant"]
@@ -91,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1 turns it off.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
@@ -122,7 +122,8 @@ class ChatCompletionRequest(BaseModel):
                 raise InvalidRequest(f"'{name}' is not supported by this server; remove it from the request.",
                                      param=name)
         response_format = extra.get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        if response_format is not None and not (isinstance(response_format, dict)
+                                                and response_format.get("type", "text") == "text"):
             raise InvalidRequest("response_format other than {'type': 'text'} is not supported.",
                                  param="response_format")
         if self.messages[-1].role != "user":
@@ -282,10 +283,13 @@ class DeleteResponse(BaseModel):
 
 
 def check_session_id(session_id: str, *, param: str = "session_id") -> str:
-    if not SESSION_ID_PATTERN.match(session_id):
+    # "." and ".." would be rewritten by URL normalisation, so their session endpoints
+    # could not be reached.
+    if not SESSION_ID_PATTERN.match(session_id) or session_id in (".", ".."):
         shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
         raise InvalidRequest(
-            f"Invalid session id {shown!r}: use 1 to 128 characters from A-Z, a-z, 0-9, '.', '_' and '-'.",
+            f"Invalid session id {shown!r}: use 1 to 128 characters from A-Z, a-z, 0-9, '.', '_' and '-' "
+            "(not '.' or '..').",
             param=param,
         )
     return session_id

@@ -20,7 +20,7 @@ from app.errors import SessionNotFound, StateConflict, StateInvalid
 from app.store import StateStore, StoredSession
 from senab.affect import read_affect
 from senab.bridge import Checkpoint
-from senab.state import Affect, RecordError, SessionRecord, TrajectoryPoint
+from senab.state import MAX_TURN, Affect, RecordError, SessionRecord, TrajectoryPoint
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,15 @@ class SessionService:
         current = session
         for attempt in range(1, self.max_commit_attempts + 1):
             record = current.record
+            if attempt > 1 and record.turn > 0 and record.last_digest == digest:
+                # Another replica committed this same request while it ran here: a retry
+                # must not advance the state twice.
+                logger.info("session %s: turn %d was committed concurrently by another request; not applying "
+                            "it again", session.session_id, record.turn)
+                return record
+            if record.turn >= MAX_TURN:
+                raise StateInvalid(f"Session '{session.session_id}' reached the maximum of {MAX_TURN} turns; "
+                                   "reset or delete it.", param="session_id")
             now = time.time()
             state = self.checkpoint.homeostasis.update(record.state, readout, self.set_point)
             new = SessionRecord(
@@ -116,7 +125,12 @@ class SessionService:
         )
 
     async def reset(self, tenant: str, session_id: str) -> SessionRecord:
-        if await self.store.load(tenant, session_id) is None:
+        """Put the session back at the set-point; this also repairs an unusable stored record."""
+        try:
+            exists = await self.store.load(tenant, session_id) is not None
+        except StateInvalid:
+            exists = True
+        if not exists:
             raise SessionNotFound(f"Session '{session_id}' not found (it may have expired).", param="session_id")
         record = SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point)
         await self.store.reset(tenant, session_id, record.encode())

@@ -22,6 +22,7 @@ from senab.bridge import BridgeHandle, BridgeState
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled"]
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Dividing logits by a temperature this small overflows float32, and the result
+        # would be the argmax anyway.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -166,8 +169,10 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generated: l
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
+        # Drop a token when the tokens ranked above it already reach top_p; the most likely
+        # token always stays, even for a top_p that rounds to 0 in float32.
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())

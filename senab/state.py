@@ -38,6 +38,11 @@ _RECORD_HEAD = struct.Struct("<4sHH16sId")
 _RECORD_TAIL = struct.Struct("<32sBIII")
 _POINT_HEAD = struct.Struct("<4sHHIdfff")
 _FINISH_REASONS = (None, "stop", "length")
+MAX_TURN = 2**32 - 1  # the record stores the turn as u32
+# Largest magnitude accepted in a state vector. Readouts are means of NCA lattice values,
+# which are seeded from RMS-normalised hidden states and so stay far below this (an
+# estimate), while values near float32's maximum would turn the model's logits into NaN.
+MAX_STATE_ABS = 1e4
 
 
 class RecordError(ValueError):
@@ -147,6 +152,8 @@ class SessionRecord:
 def check_state(state: np.ndarray) -> None:
     if not np.all(np.isfinite(state)):
         raise RecordError("state vector contains NaN or Inf")
+    if np.any(np.abs(state) > MAX_STATE_ABS):
+        raise RecordError(f"state vector has values beyond +-{MAX_STATE_ABS:g}")
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,22 @@ _FAILURE_LOG_INTERVAL_SECONDS = 10.0
 
 # KEYS: state hash, trajectory stream.
 # ARGV: expected version, record, TTL in ms, commit id, "1" if a point is given, turn, point,
-# trajectory_max. Returns {1, new version} or {0, stored version} on a version mismatch.
+# trajectory_max. Returns {1, new version}, {0, stored version} on a version mismatch, or
+# {-1, 0} when the keys hold something this server did not write (a non-numeric version or
+# a trajectory that is not a stream).
 # A call whose commit id is already stored at expected version + 1 is a retry of a call
 # that was applied, so it returns success instead of a conflict.
+# Redis does not roll back a script that fails half-way, so every check comes first and
+# the XADD, the only write that can still fail, runs before the HSET.
 _COMMIT_SCRIPT = """
 local stored = redis.call('HMGET', KEYS[1], 'v', 'c')
 local current = 0
-if stored[1] then current = tonumber(stored[1]) end
+if stored[1] then
+  current = tonumber(stored[1])
+  if not current then return {-1, 0} end
+end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'stream' then return {-1, 0} end
 local expected = tonumber(ARGV[1])
 if current ~= expected then
   if current == expected + 1 and stored[2] == ARGV[4] then
@@ -58,11 +67,11 @@ end
 if current == 0 then
   redis.call('DEL', KEYS[2])
 end
-local version = current + 1
-redis.call('HSET', KEYS[1], 'v', version, 'r', ARGV[2], 'c', ARGV[4])
 if ARGV[5] == '1' then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[8], '*', 't', ARGV[6], 'p', ARGV[7])
 end
+local version = current + 1
+redis.call('HSET', KEYS[1], 'v', version, 'r', ARGV[2], 'c', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {1, version}
@@ -72,8 +81,8 @@ return {1, version}
 # Returns the new version, or the stored one if this reset id was already applied.
 _RESET_SCRIPT = """
 local stored = redis.call('HMGET', KEYS[1], 'v', 'c')
-local current = 0
-if stored[1] then current = tonumber(stored[1]) end
+-- A version that is not a number (a damaged record) restarts the count, so reset repairs it.
+local current = tonumber(stored[1]) or 0
 if stored[2] == ARGV[3] then
   return current
 end
@@ -148,10 +157,12 @@ class RedisStateStore(StateStore):
         if not fields:
             return None
         if b"v" not in fields or b"r" not in fields:
-            raise StateInvalid(
-                f"Session '{session_id}' in Redis at {self._address} has no version or record "
-                "field, so it was not written by this server. Reset or delete the session.")
-        return StoredSession(record=fields[b"r"], version=int(fields[b"v"]))
+            raise self._invalid(session_id, "no version or record field")
+        try:
+            version = int(fields[b"v"])
+        except ValueError:
+            raise self._invalid(session_id, "a version field that is not an integer") from None
+        return StoredSession(record=fields[b"r"], version=version)
 
     async def commit(self, tenant: str, session_id: str, *, expected_version: int,
                      record: bytes, point: bytes | None = None, turn: int | None = None) -> int:
@@ -164,6 +175,8 @@ class RedisStateStore(StateStore):
         with self._translate_errors("commit", session_id, write=True):
             applied, version = await self._commit_script(keys=keys, args=args)
 
+        if int(applied) == -1:
+            raise self._invalid(session_id, "keys of another type or a non-integer version")
         if not applied:
             raise self._conflict(session_id, expected_version, int(version))
         return int(version)
@@ -197,10 +210,19 @@ class RedisStateStore(StateStore):
         with self._translate_errors("trajectory", session_id, write=False):
             entries = await self._client.xrange(trajectory_key, count=count)
 
-        points = [(int(fields[b"t"]), fields[b"p"]) for _, fields in entries]
+        try:
+            points = [(int(fields[b"t"]), fields[b"p"]) for _, fields in entries]
+        except (KeyError, ValueError):
+            raise self._invalid(session_id, "a trajectory entry without an integer turn and a point") from None
         if since is not None:
             points = [entry for entry in points if entry[0] > since]
         return points if limit is None else points[:limit]
+
+    def _invalid(self, session_id: str, what: str) -> StateInvalid:
+        logger.warning("session %s in Redis at %s has %s", session_id, self._address, what)
+        return StateInvalid(
+            f"Session '{session_id}' in Redis at {self._address} has {what}, so it was not written by "
+            f"this server. POST /sessions/{session_id}/reset or DELETE the session.", param="session_id")
 
     async def ping(self) -> None:
         with self._translate_errors("ping", None, write=False):

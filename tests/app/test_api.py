@@ -254,6 +254,12 @@ BAD_REQUESTS = [
     ("lone surrogate", {"model": SENAB, "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
      "invalid_request", "messages.0.content"),
     ("lone surrogate stop", {"model": SENAB, "messages": HELLO, "stop": ["\udfff"]}, 400, "invalid_request", "stop"),
+    ("seed beyond 64 bits", {"model": SENAB, "messages": HELLO, "seed": 2**64}, 400, "invalid_request", "seed"),
+    ("response_format string", {"model": SENAB, "messages": HELLO, "response_format": "json_object"}, 400,
+     "invalid_request", "response_format"),
+    ("stop not a string", {"model": SENAB, "messages": HELLO, "stop": [1]}, 400, "invalid_request", "stop"),
+    ("dot session id", {"model": SENAB, "messages": HELLO, "session_id": ".."}, 400, "invalid_request",
+     "session_id"),
     ("unknown model", {"model": "gpt-4o", "messages": HELLO}, 404, "model_not_found", "model"),
     ("bad session id", {"model": SENAB, "messages": HELLO, "session_id": "a b{c}"}, 400, "invalid_request",
      "session_id"),
@@ -274,6 +280,28 @@ def test_bad_request_table(live_server, body, status, code, param):
     response = live_server.client.post("/v1/chat/completions", content=json.dumps(body),
                                        headers={"Content-Type": "application/json"})
     assert_error(response, status, code, param)
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e-40), ("top_p", 1e-46), ("seed", -(2**63)),
+                                          ("top_k", 10**6)])
+def test_extreme_but_valid_sampling(live_server, field, value):
+    response = live_server.chat(HELLO, model=TINY, max_tokens=3, **{field: value})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("query, param", [({"limit": 0}, "limit"), ({"since": -1}, "since")])
+def test_trajectory_query_validation(live_server, query, param):
+    session_id = live_server.chat(HELLO).headers["X-Session-Id"]
+    assert_error(live_server.client.get(f"/sessions/{session_id}/trajectory", params=query), 400,
+                 "invalid_request", param)
+
+
+def test_retry_is_validated_first(live_server):
+    live_server.chat(HELLO, session_id="retry-validated")
+    response = live_server.chat(HELLO, session_id="retry-validated", max_tokens=10**9)
+
+    assert_error(response, 400, "invalid_request", "max_tokens")
+    live_server.client.delete("/sessions/retry-validated")
 
 
 def test_invalid_json(live_server):
@@ -314,6 +342,34 @@ def test_record_from_other_checkpoint_rejected(live_server, redis_url):
     assert reset.status_code == 200
     assert after.status_code == 200
     live_server.client.delete("/sessions/foreign-session")
+
+
+def test_damaged_redis_keys_rejected_and_reset_repairs(live_server, redis_url, redis_prefix):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    session_id = "damaged-session"
+    state_key = f"{redis_prefix}:{{default:{session_id}}}:state"
+    trajectory_key = f"{redis_prefix}:{{default:{session_id}}}:trajectory"
+    assert live_server.chat(HELLO, session_id=session_id).status_code == 200
+
+    client.hset(state_key, "v", "abc")
+    bad_version = live_server.client.get(f"/sessions/{session_id}/state")
+    repaired = live_server.client.post(f"/sessions/{session_id}/reset")
+    client.xadd(trajectory_key, {"t": "abc", "p": "x"})
+    bad_point = live_server.client.get(f"/sessions/{session_id}/trajectory")
+    client.delete(trajectory_key)
+    client.set(trajectory_key, "x")
+    wrong_type = live_server.chat([{"role": "user", "content": "next"}], session_id=session_id)
+    turn_after = SessionRecord.decode(client.hget(state_key, "r")).turn
+    client.delete(state_key, trajectory_key)
+    client.close()
+
+    assert_error(bad_version, 409, "state_invalid")
+    assert repaired.status_code == 200
+    assert_error(bad_point, 409, "state_invalid")
+    assert_error(wrong_type, 409, "state_invalid")
+    assert turn_after == 0
 
 
 async def _write_record(redis_url: str, live_server, session_id: str, record: bytes) -> None:

@@ -160,6 +160,20 @@ def test_turn_start_points_at_last_user_message(tokenizer):
     assert "first question" not in turn_text
 
 
+@pytest.mark.parametrize("text", ["assistant", "user", "a", "\n", "im_start"])
+def test_turn_start_with_template_like_text(tokenizer, text):
+    built = build_prompt(tokenizer, [("user", "earlier"), ("assistant", "reply"), ("user", text)])
+    turn_text = tokenizer.decode(built.ids[built.turn_start:])
+
+    assert turn_text.startswith(text)
+    assert turn_text.endswith("assistant\n")
+
+
+def test_tiny_temperature_is_greedy():
+    logits = torch.tensor([0.0, 5.0, 4.9])
+    assert sample_next_token(logits, SamplingParams(temperature=1e-40), [], torch.Generator()) == 1
+
+
 def test_conversation_digest_depends_on_every_message():
     base = [("user", "a"), ("assistant", "b"), ("user", "c")]
     assert conversation_digest("m", base) == conversation_digest("m", list(base))

@@ -82,6 +82,13 @@ def test_record_with_nan_rejected_on_decode():
         SessionRecord.decode(bytes(data), checkpoint_id=CHECKPOINT)
 
 
+def test_record_with_huge_values_rejected():
+    state = np.zeros(32, np.float32)
+    state[0] = 3e38
+    with pytest.raises(RecordError, match="beyond"):
+        record(state=state).encode()
+
+
 def test_record_with_inf_rejected_on_encode():
     state = np.zeros(32, np.float32)
     state[5] = np.inf

@@ -26,6 +26,8 @@ def template_messages(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
 def build_prompt(tokenizer, messages: list[tuple[str, str]]) -> Prompt:
     """Return the chat-template token ids for `messages` and the current turn's start."""
     rendered = _render(tokenizer, messages)
+    # NOTE: special-token text inside a message ("<|im_end|>") becomes the real special
+    # token here, as with the model's own template; escaping it would need per-message encoding.
     encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
 

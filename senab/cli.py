@@ -30,6 +30,45 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from senab.experiment import DataConfig, run
+    from senab.models import ModelError, load_model
+    from senab.train import TrainConfig
+
+    def load():
+        return load_model(args.model, dtype="float32", device=args.device, home=_home(args))
+
+    try:
+        load()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"senab", "lora", "ia3"})
+    if unknown:
+        print(f"error: unknown method(s) {', '.join(unknown)}; use senab, lora and/or ia3", file=sys.stderr)
+        return 2
+    data_config = DataConfig(data_seed=args.data_seed, turns_per_window=args.turns, max_length=args.max_length,
+                             train_windows=args.train_windows)
+    defaults = TrainConfig()
+    train_config = TrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
+                               seed=args.seed,
+                               checkpoint_every=args.checkpoint_every, lm_loss_turns=args.lm_loss_turns)
+    finals = run(load, methods, Path(args.out), data_config, train_config, resume=args.resume)
+    for method, path in finals.items():
+        print(f"{method}: {path}")
+    if args.ship and "senab" in finals:
+        target = Path(__file__).resolve().parent / "weights" / load().name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(finals["senab"], target)
+        print(f"shipped: {target}")
+    return 0
+
+
 def _bridge_info(args: argparse.Namespace) -> int:
     from senab.bridge import CheckpointError, load_checkpoint
 
@@ -59,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--home", help="directory for pulled models (default $SENAB_HOME or ~/.cache/senab)")
     pull.add_argument("--force", action="store_true", help="download and convert again even if present")
     pull.set_defaults(func=_pull)
+
+    train = commands.add_parser("train", help="train the bridge (and LoRA / IA3 baselines) on chitchat")
+    train.add_argument("--out", default="runs/default", help="run directory (default runs/default)")
+    train.add_argument("--methods", default="senab", help="comma-separated: senab, lora, ia3 (default senab)")
+    train.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    train.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
+    train.add_argument("--steps", type=int, help="optimizer steps per method (default 400)")
+    train.add_argument("--batch-size", type=int, help="windows per step (default 2)")
+    train.add_argument("--turns", type=int, default=4, help="user/assistant turns per window (default 4)")
+    train.add_argument("--max-length", type=int, default=512, help="longest window in tokens (default 512)")
+    train.add_argument("--train-windows", type=int, default=1000, help="training windows (default 1000)")
+    train.add_argument("--lm-loss-turns", type=int, default=0,
+                       help="SENAB: last turns per window with a language-model loss; 0 means all")
+    train.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    train.add_argument("--data-seed", type=int, default=0, help="seed of the conversation split and order")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue from the latest step-* checkpoint")
+    train.add_argument("--ship", action="store_true", help="copy the SENAB checkpoint into senab/weights/")
+    train.set_defaults(func=_train)
 
     bridge = commands.add_parser("bridge", help="inspect bridge checkpoints")
     bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test pull clean
+.PHONY: setup run test pull train eval clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[train,test]"
 	touch $(STAMP)
 
 pull: $(STAMP)
@@ -26,6 +26,13 @@ pull: $(STAMP)
 run: $(STAMP)
 	@if [ -z "$$SENAB_MODEL" ]; then $(BIN)/senab models pull >/dev/null; fi
 	$(BIN)/senab serve
+
+# The comparison of docs/evaluation.md: SENAB, LoRA and IA3 on the same data, then the report.
+train: $(STAMP)
+	$(BIN)/senab train --out runs/smollm2 --methods senab,lora,ia3 --steps 400 --train-windows 800
+
+eval: $(STAMP)
+	$(BIN)/senab eval --run runs/smollm2 --out docs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -69,6 +69,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from senab.evaluate import evaluate_run
+    from senab.models import ModelError, load_model
+
+    def load():
+        return load_model(args.model, dtype="float32", device=args.device, home=_home(args))
+
+    run_dir = Path(args.run)
+    if not (run_dir / "data.json").exists():
+        print(f"error: {run_dir} has no data.json; run `senab train --out {run_dir}` first", file=sys.stderr)
+        return 1
+    try:
+        load()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    command = "senab eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "senab eval"
+    evaluate_run(load, run_dir, Path(args.out), command=command, test_windows=args.test_windows)
+    print(Path(args.out) / "evaluation.md")
+    return 0
+
+
 def _bridge_info(args: argparse.Namespace) -> int:
     from senab.bridge import CheckpointError, load_checkpoint
 
@@ -118,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest step-* checkpoint")
     train.add_argument("--ship", action="store_true", help="copy the SENAB checkpoint into senab/weights/")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a training run and write the report with plots")
+    evaluate.add_argument("--run", default="runs/default", help="run directory of `senab train`")
+    evaluate.add_argument("--out", default="docs", help="directory for evaluation.md and the plots (default docs)")
+    evaluate.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
+    evaluate.add_argument("--test-windows", type=int, help="test windows for perplexity (default: as trained)")
+    evaluate.set_defaults(func=_eval)
 
     bridge = commands.add_parser("bridge", help="inspect bridge checkpoints")
     bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)

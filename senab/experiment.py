@@ -86,7 +86,9 @@ def train_method(load, method: str, data: PreparedData, train_config: TrainConfi
     if method == "senab":
         # Activations below the bridge depend on neither the bridge nor the state: compute
         # them once for every window before the first step (reported as preprocessing).
-        for index, window in enumerate(data.train):
+        from tqdm import tqdm
+
+        for index, window in enumerate(tqdm(data.train, desc="cache layer inputs", disable=not progress)):
             trainer.cache.get(index, window)
         preprocessing = time.perf_counter() - started
     else:

@@ -67,14 +67,15 @@ class NCACell(nn.Module):
         shape = (batch_size, self.config.kernel_width - 1, self.config.channels)
         return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.config.steps)]
 
-    def grow(self, x: torch.Tensor, cache: NCACache | None = None,
-             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, NCACache]:
+    def grow(self, x: torch.Tensor, cache: NCACache | None = None, valid: torch.Tensor | None = None,
+             trace: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, NCACache]:
         """Run all steps over new positions `x` (B, T, C) that follow the ones in `cache`.
 
         `valid` (B, T) marks real positions; padded ones are held at zero at every step so
         they act exactly like the causal zero padding (a left-padded row grows as if alone).
         Returns the lattice after the last step (B, T, C) and the cache for the next chunk.
-        With `cache=None` this is the full computation from an empty sequence.
+        With `cache=None` this is the full computation from an empty sequence. A `trace` list
+        receives the lattice before the first step and after every step.
         """
         if cache is None:
             cache = self.empty_cache(x.shape[0], device=x.device, dtype=x.dtype)
@@ -84,6 +85,8 @@ class NCACell(nn.Module):
             x = torch.where(mask, x, torch.zeros_like(x))
 
         new_cache: NCACache = []
+        if trace is not None:
+            trace.append(x)
         for step in range(self.config.steps):
             padded = torch.cat([cache[step], x], dim=1)  # (B, w-1+T, C)
             new_cache.append(padded[:, padded.shape[1] - keep:, :])
@@ -96,6 +99,8 @@ class NCACell(nn.Module):
 
             if mask is not None:
                 x = torch.where(mask, x, torch.zeros_like(x))
+            if trace is not None:
+                trace.append(x)
         return x, new_cache
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

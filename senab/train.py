@@ -292,14 +292,16 @@ class Trainer:
         return StepRecord(step=self.step, loss=loss.item(), lm_loss=loss.item(), valence_loss=0.0, seconds=0.0,
                           tokens=sum(len(w.ids) for w in windows))
 
-    def train(self) -> TrainResult:
-        """Run the remaining steps, saving a resumable checkpoint every `checkpoint_every`."""
+    def train(self, until: int | None = None) -> TrainResult:
+        """Run the remaining steps (up to step `until`), saving a resumable checkpoint every
+        `checkpoint_every` steps."""
         from tqdm import tqdm
 
         self.model.train(False)  # no dropout in SmolLM2; eval mode keeps runs deterministic
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.progress,
                    desc=f"train {self.config.method}", unit="step")
-        while self.step < self.config.steps:
+        last = self.config.steps if until is None else min(until, self.config.steps)
+        while self.step < last:
             started = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             batch = self.schedule[self.step]

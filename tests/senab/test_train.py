@@ -1,0 +1,163 @@
+"""The training and evaluation pipeline on a tiny random model and real chitchat conversations."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from senab.bridge import BridgeState, attach_bridge, load_checkpoint, new_checkpoint
+from senab.data import encode_window, load_chitchat, split_conversations
+from senab.evaluate import distinct_n, evaluate_run, silhouette
+from senab.experiment import DataConfig, run
+from senab.stack import lower_hidden, upper_hidden
+from senab.train import TrainConfig, Trainer, batch_schedule, latest_step_dir, turn_readout
+from tests.helpers import make_tiny_llama, make_tiny_tokenizer
+
+SMALL_DATA = DataConfig(conversations=300, train_windows=10, validation_windows=4, test_windows=4, max_length=256)
+
+
+def load_tiny():
+    model, tokenizer = make_tiny_llama(seed=0)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, name="tiny", digest=None)
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return load_chitchat()
+
+
+def test_split_is_disjoint_by_conversation(conversations):
+    split = split_conversations(conversations, seed=0)
+    ids = [{c.id for c in part} for part in (split.train, split.validation, split.test)]
+
+    assert ids[0].isdisjoint(ids[1])
+    assert ids[0].isdisjoint(ids[2])
+    assert ids[1].isdisjoint(ids[2])
+    assert sum(len(part) for part in ids) == len(conversations)
+    assert split_conversations(conversations, seed=0).test == split.test
+    assert split_conversations(conversations, seed=1).test != split.test
+
+
+def test_conversations_alternate_roles(conversations):
+    assert len(conversations) > 4000
+    assert all(c.turns and all(user and reply for user, reply in c.turns) for c in conversations[:200])
+
+
+def test_loss_mask_covers_exactly_assistant_tokens():
+    tokenizer = make_tiny_tokenizer()
+    turns = [("Hello there, how are you?", "I am fine.\nThanks!"), ("What is 2 + 2?", "4, naturally.")]
+    window = encode_window(tokenizer, "c1", turns, [0.5, -0.25])
+
+    masked_text = tokenizer.decode([window.ids[i] for i in window.loss_positions()])
+    user_text = tokenizer.decode(window.ids[window.turns[1].user_start:window.turns[1].reply_start])
+
+    assert masked_text == "I am fine.\nThanks!<|im_end|>4, naturally.<|im_end|>"
+    assert user_text.startswith("What is 2 + 2?")
+    assert [t.valence for t in window.turns] == [0.5, -0.25]
+
+
+def test_batch_schedule_reshuffles_per_epoch():
+    schedule = batch_schedule(5, steps=6, batch_size=2, seed=3)
+
+    assert len(schedule) == 6
+    assert all(len(batch) == 2 for batch in schedule)
+    assert sorted(i for batch in schedule[:2] for i in batch) == sorted(set(i for b in schedule[:2] for i in b))
+    assert schedule == batch_schedule(5, steps=6, batch_size=2, seed=3)
+
+
+def test_turn_readout_matches_bridge_hook():
+    model, tokenizer = make_tiny_llama(seed=0)
+    checkpoint = new_checkpoint(model.config)
+    handle = attach_bridge(model, checkpoint.bridge)
+    window = encode_window(tokenizer, "c", [("Hello, world!", "Hi."), ("Numbers: 1 2 3", "4 5")], [0.0, 0.0])
+    turn = window.turns[1]
+    first = checkpoint.bridge.config.first_layer
+    hidden = lower_hidden(model, window.ids, first)
+    state = torch.randn(32)
+
+    with torch.no_grad():
+        bridge_state = BridgeState(checkpoint.bridge, state.unsqueeze(0), [turn.user_start])
+        with handle.activate(bridge_state):
+            upper_hidden(model, hidden[:, :turn.reply_end], first)
+        expected = bridge_state.readout()[0]
+        readout = turn_readout(checkpoint.bridge, hidden, state, turn.user_start, turn.reply_end)
+
+    torch.testing.assert_close(readout, expected, atol=1e-6, rtol=0)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    from senab.experiment import prepare_data
+
+    data = prepare_data(make_tiny_tokenizer(), SMALL_DATA)
+    config = TrainConfig(steps=4, checkpoint_every=2)
+
+    straight = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "a", progress=False)
+    straight.train()
+
+    first = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "b", progress=False)
+    first.train(until=2)
+    resumed = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "b", progress=False)
+    resumed.resume(latest_step_dir(tmp_path / "b"))
+    resumed.train()
+
+    for (name, a), (_, b) in zip(straight._named_trainable(), resumed._named_trainable()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert [r.loss for r in resumed.result.history] == pytest.approx([r.loss for r in straight.result.history])
+
+
+def test_resume_rejects_other_config(tmp_path):
+    from senab.experiment import prepare_data
+
+    data = prepare_data(make_tiny_tokenizer(), SMALL_DATA)
+    trainer = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, TrainConfig(steps=2, checkpoint_every=2),
+                      tmp_path, progress=False)
+    trainer.train()
+    other = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, TrainConfig(steps=3, checkpoint_every=2),
+                    tmp_path, progress=False)
+
+    with pytest.raises(ValueError, match="another training configuration"):
+        other.resume(latest_step_dir(tmp_path))
+
+
+def test_pipeline_end_to_end(tmp_path):
+    finals = run(load_tiny, ["senab", "lora", "ia3"], tmp_path / "run", SMALL_DATA,
+                 TrainConfig(steps=3, checkpoint_every=3), progress=False)
+    report = evaluate_run(load_tiny, tmp_path / "run", tmp_path / "docs", command="test", progress=False)
+
+    checkpoint = load_checkpoint(finals["senab"])
+    manifest = json.loads((finals["senab"] / "manifest.json").read_text())
+    assert checkpoint.trained
+    assert checkpoint.probe is not None
+    assert manifest["checkpoint_id"] == checkpoint.checkpoint_id
+    assert 0 <= manifest["homeostasis"]["alpha"] + manifest["homeostasis"]["beta"] <= 1
+    assert (finals["lora"] / "adapter" / "adapter_config.json").exists()
+    assert [m.name for m in report.methods] == ["base", "SENAB", "LoRA r=32", "IA3"]
+    assert all(m.perplexity > 1 for m in report.methods)
+    text = (tmp_path / "docs" / "evaluation.md").read_text()
+    assert "| SENAB | 22,025 |" in text
+    for plot in ("training-loss.png", "affect-trajectory.png", "style-scatter.png", "nca-growth.png"):
+        assert (tmp_path / "docs" / plot).stat().st_size > 1000, plot
+    assert -1 <= report.senab["valence_r"] <= 1
+
+
+def test_distinct_n_and_silhouette():
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]]).numpy()
+    assert silhouette(points, ["x", "x", "y", "y"]) > 0.9
+    assert silhouette(points, ["x", "y", "x", "y"]) < 0
+
+
+def test_shipped_checkpoint_matches_manifest():
+    shipped = Path(__file__).resolve().parents[2] / "senab" / "weights"
+    directories = [d for d in shipped.iterdir() if (d / "manifest.json").exists()] if shipped.exists() else []
+    if not directories:
+        pytest.skip("no checkpoint shipped in senab/weights yet")
+    for directory in directories:
+        checkpoint = load_checkpoint(directory)  # verifies the weights against the manifest's id
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert checkpoint.checkpoint_id == manifest["checkpoint_id"]
+        assert manifest["trained"] is True
+        assert manifest["trainable_parameters"] <= 64_000

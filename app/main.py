@@ -48,6 +48,9 @@ def load_served_model(settings: Settings) -> ServedModel:
     if checkpoint.base_model and checkpoint.base_model != loaded.name:
         logger.warning("bridge checkpoint %s was made for %s but the base model is %s",
                        checkpoint.checkpoint_id, checkpoint.base_model, loaded.name)
+    elif checkpoint.base_digest and loaded.digest and checkpoint.base_digest != loaded.digest:
+        logger.warning("bridge checkpoint %s was trained on weights with digest %s but the loaded weights have %s",
+                       checkpoint.checkpoint_id, checkpoint.base_digest[:12], loaded.digest[:12])
     return ServedModel(model=loaded.model, tokenizer=loaded.tokenizer, name=loaded.name,
                        context_length=loaded.context_length, checkpoint=checkpoint,
                        device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))

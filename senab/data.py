@@ -1,7 +1,8 @@
 """Training data: chitchat conversations, split by conversation, encoded turn by turn.
 
-Source: the `chitchat-dataset` package (MIT licence; 7,168 open-domain conversations
-collected by the BYU PCC lab). In each conversation the first speaker plays the user and the
+Source: the `chitchat-dataset` package 0.9.0 (MIT licence; 7,168 open-domain conversations
+collected by the BYU PCC lab, of which 4,017 have at least one reply from a second speaker;
+the others are dropped). In each conversation the first speaker plays the user and the
 second the assistant; consecutive messages of one speaker are joined with newlines. Each user
 message carries its VADER compound score (`vaderSentiment`) as the valence label.
 

@@ -56,7 +56,8 @@ def _train(args: argparse.Namespace) -> int:
     defaults = TrainConfig()
     train_config = TrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
                                seed=args.seed,
-                               checkpoint_every=args.checkpoint_every, lm_loss_turns=args.lm_loss_turns)
+                               checkpoint_every=args.checkpoint_every, lm_loss_turns=args.lm_loss_turns,
+                               valence_weight=args.valence_weight, set_point_weight=args.set_point_weight)
     finals = run(load, methods, Path(args.out), data_config, train_config, resume=args.resume)
     for method, path in finals.items():
         print(f"{method}: {path}")
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-windows", type=int, default=1000, help="training windows (default 1000)")
     train.add_argument("--lm-loss-turns", type=int, default=0,
                        help="SENAB: last turns per window with a language-model loss; 0 means all")
+    train.add_argument("--valence-weight", type=float, default=1.0, help="SENAB: weight of the valence loss")
+    train.add_argument("--set-point-weight", type=float, default=1.0,
+                       help="SENAB: weight of the loss pulling the set-point toward the mean readout")
     train.add_argument("--seed", type=int, default=0, help="initialisation seed")
     train.add_argument("--data-seed", type=int, default=0, help="seed of the conversation split and order")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")

@@ -187,10 +187,14 @@ def scripted_trajectory(model, tokenizer, checkpoint, probe) -> dict[str, Any]:
     peak = distances[HOSTILE_TURN]
     half_life = next((k - HOSTILE_TURN for k in range(HOSTILE_TURN + 1, len(distances))
                       if distances[k] <= peak / 2), None)
+    # The same, for the rise over the distance before the hostile turn.
+    baseline = distances[HOSTILE_TURN - 1]
+    recovery = next((k - HOSTILE_TURN for k in range(HOSTILE_TURN + 1, len(distances))
+                     if distances[k] - baseline <= (peak - baseline) / 2), None)
     return {"distances": distances, "arousal": [math.tanh(d / checkpoint.arousal_scale) for d in distances],
             "valence": valences, "vader": [t.valence for t in window.turns],
             "distance_rises": distances[HOSTILE_TURN] > distances[HOSTILE_TURN - 1],
-            "half_life_turns": half_life}
+            "half_life_turns": half_life, "excess_half_life_turns": recovery}
 
 
 def style_readouts(model, tokenizer, checkpoint, generator: Generator) -> tuple[np.ndarray, list[str]]:

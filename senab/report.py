@@ -128,6 +128,8 @@ def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> st
         f"| distance rises after the hostile turn | {s.get('scripted', {}).get('distance_rises')} |",
         f"| homeostasis half-life (neutral turns until the distance halves) | "
         f"{_fmt(s.get('scripted', {}).get('half_life_turns'))} |",
+        f"| neutral turns until the rise over the pre-hostile distance halves | "
+        f"{_fmt(s.get('scripted', {}).get('excess_half_life_turns'))} |",
         f"| style separation, silhouette of readouts | {_fmt(s.get('silhouette'))} |",
         f"| alpha, beta (chosen on validation) | {s.get('alpha')}, {s.get('beta')} |",
         f"| share of the base-to-LoRA perplexity gap closed by SENAB | {_fmt(s.get('gap_closed'))} |",

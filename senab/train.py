@@ -8,7 +8,8 @@ reply with the current state s_k (as the server does), its readout n_k moves the
 
 and the loss is the reply tokens' cross-entropy plus `valence_weight` times the squared
 error between the probe's valence tanh(a . s_{k+1} + b) and the VADER score of turn k's user
-message. Gradients flow through the whole window (T turns). The lower layers run once per
+message, plus `set_point_weight` times the squared distance from s* to the (detached)
+readouts. Gradients flow through the whole window (T turns). The lower layers run once per
 window and are cached for later epochs (`senab.stack`).
 
 The baselines train on the same windows, steps, batch size and sequence length with a plain
@@ -54,6 +55,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     valence_weight: float = 1.0
+    # Pulls the set-point toward the mean turn readout (the readout side is not moved), so
+    # an ordinary turn leaves the state near rest and the distance measures provocation.
+    set_point_weight: float = 1.0
     # Turns per window whose replies carry the language-model loss, counted from the last;
     # 0 means all. The state chain and the valence loss always cover every turn.
     lm_loss_turns: int = 0
@@ -139,6 +143,7 @@ class WindowPass:
 
     lm_loss: torch.Tensor  # mean cross-entropy over the window's reply tokens
     valence_loss: torch.Tensor
+    set_point_loss: torch.Tensor  # mean squared distance of s* to the detached readouts
     tokens: int
     states: list[torch.Tensor]  # state after each turn (C,)
     readouts: list[torch.Tensor]
@@ -196,8 +201,10 @@ def senab_window_pass(model, handle, checkpoint: Checkpoint, probe: nn.Linear, w
         loss_sum = loss_sum + F.cross_entropy(logits, ids[positions + 1], reduction="sum")
         tokens += len(positions)
 
+    set_point_loss = torch.stack([(set_point - r.detach()).pow(2).mean() for r in readouts]).mean()
     return WindowPass(lm_loss=loss_sum / max(tokens, 1), valence_loss=valence_sum / len(window.turns),
-                      tokens=tokens, states=states, readouts=readouts, valences=valences)
+                      set_point_loss=set_point_loss, tokens=tokens, states=states, readouts=readouts,
+                      valences=valences)
 
 
 def labelled_batch(windows: list[Window], pad_id: int) -> dict[str, torch.Tensor]:
@@ -275,7 +282,8 @@ class Trainer:
             hidden = self.cache.get(index, window)
             result = senab_window_pass(self.model, self.handle, self.checkpoint, self.probe, window, hidden,
                                        self.homeostasis, lm_loss_turns=self.config.lm_loss_turns or None)
-            loss = result.lm_loss + self.config.valence_weight * result.valence_loss
+            loss = (result.lm_loss + self.config.valence_weight * result.valence_loss
+                    + self.config.set_point_weight * result.set_point_loss)
             (loss / len(batch)).backward()
             lm_total += result.lm_loss.item() / len(batch)
             valence_total += result.valence_loss.item() / len(batch)

@@ -385,6 +385,8 @@ class Checkpoint:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self._tensors(), str(directory / WEIGHTS_FILE))
         (directory / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        # safetensors writes 0600; a checkpoint shipped as package data must be readable by all.
+        (directory / WEIGHTS_FILE).chmod(0o644)
         return directory
 
 

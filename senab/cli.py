@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-windows", type=int, default=1000, help="training windows (default 1000)")
     train.add_argument("--lm-loss-turns", type=int, default=0,
                        help="SENAB: last turns per window with a language-model loss; 0 means all")
-    train.add_argument("--valence-weight", type=float, default=1.0, help="SENAB: weight of the valence loss")
+    train.add_argument("--valence-weight", type=float, default=10.0,
+                       help="SENAB: weight of the valence loss (default 10)")
     train.add_argument("--set-point-weight", type=float, default=1.0,
                        help="SENAB: weight of the loss pulling the set-point toward the mean readout")
     train.add_argument("--seed", type=int, default=0, help="initialisation seed")

@@ -99,6 +99,38 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def target_rows(methods: list[dict[str, Any]], senab: dict[str, Any]) -> list[str]:
+    """Return markdown rows comparing each measured value with its target."""
+    by_name = {m["name"]: m for m in methods}
+    base, bridge, lora = by_name.get("base"), by_name.get("SENAB"), by_name.get("LoRA r=32")
+    rows = []
+
+    def row(name: str, target: str, value: Any, met: bool | None) -> None:
+        verdict = "n/a" if met is None else ("met" if met else "missed")
+        rows.append(f"| {name} | {target} | {_fmt(value) if not isinstance(value, str) else value} | {verdict} |")
+
+    if bridge and bridge.get("trainable_parameters") is not None:
+        params = bridge["trainable_parameters"]
+        row("SENAB trainable parameters", "<= 64,000", params, params <= 64_000)
+        if lora and lora.get("trainable_parameters"):
+            share = params / lora["trainable_parameters"]
+            row("SENAB parameters / LoRA parameters", "<= 0.05", share, share <= 0.05)
+    ratio = senab.get("step_ratio")
+    row("SENAB / LoRA seconds per step", "<= 0.5", ratio, None if ratio is None else ratio <= 0.5)
+    if base and bridge:
+        row("SENAB test perplexity", f"< base ({_fmt(base['perplexity'])})", bridge["perplexity"],
+            bridge["perplexity"] < base["perplexity"])
+    r = senab.get("valence_r")
+    row("valence Pearson r on test turns", ">= 0.5", r, None if r is None or math.isnan(r) else r >= 0.5)
+    scripted = senab.get("scripted", {})
+    row("distance rises after the hostile turn", "yes", str(scripted.get("distance_rises")),
+        scripted.get("distance_rises"))
+    half = scripted.get("half_life_turns")
+    row("distance halves within 3 neutral turns", "<= 3 turns", "never" if half is None else half,
+        half is not None and half <= 3)
+    return rows
+
+
 def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> str:
     rows = ["| method | trainable parameters | s / step | training s | test perplexity | Distinct-1 | Distinct-2 |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -135,9 +167,29 @@ def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> st
         f"| share of the base-to-LoRA perplexity gap closed by SENAB | {_fmt(s.get('gap_closed'))} |",
         f"| SENAB / LoRA seconds per step | {_fmt(s.get('step_ratio'))} |",
         "",
+        "Targets:",
+        "",
+        "| measure | target | value | status |",
+        "| --- | --- | ---: | --- |",
+        *target_rows([vars(m) for m in report.methods], s),
+        "",
     ]
     for title, name in (("Training loss", "losses"), ("Affect trajectory", "trajectory"),
                         ("Style scatter", "styles"), ("NCA growth", "growth")):
         if name in report.plots:
             lines += [f"## {title}", "", f"![{title}]({report.plots[name]})", ""]
     return "\n".join(lines)
+
+
+def rewrite_markdown(out_dir: Path, *, command: str, hardware: str) -> None:
+    """Render `evaluation.md` again from `evaluation.json` (after the report format changed)."""
+    import json
+    from types import SimpleNamespace
+
+    saved = json.loads((out_dir / "evaluation.json").read_text())
+    plots = {name: file for name, file in (("losses", "training-loss.png"), ("trajectory", "affect-trajectory.png"),
+                                           ("styles", "style-scatter.png"), ("growth", "nca-growth.png"))
+             if (out_dir / file).exists()}
+    report = SimpleNamespace(methods=[SimpleNamespace(**m) for m in saved["methods"]], senab=saved["senab"],
+                             plots=plots)
+    (out_dir / "evaluation.md").write_text(markdown(report, command=command, hardware=hardware, data=saved["data"]))

@@ -54,7 +54,7 @@ class TrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    valence_weight: float = 1.0
+    valence_weight: float = 10.0
     # Pulls the set-point toward the mean turn readout (the readout side is not moved), so
     # an ordinary turn leaves the state near rest and the distance measures provocation.
     set_point_weight: float = 1.0

@@ -106,7 +106,10 @@ def target_rows(methods: list[dict[str, Any]], senab: dict[str, Any]) -> list[st
     rows = []
 
     def row(name: str, target: str, value: Any, met: bool | None) -> None:
-        verdict = "n/a" if met is None else ("met" if met else "missed")
+        if met is None:
+            verdict = "n/a"
+        else:
+            verdict = "met" if met else "missed"
         rows.append(f"| {name} | {target} | {_fmt(value) if not isinstance(value, str) else value} | {verdict} |")
 
     if bridge and bridge.get("trainable_parameters") is not None:

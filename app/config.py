@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before new ones get 429.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Longest time one completion may run, seconds.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Maximum time one completion may run, seconds.")
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("log_level")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -100,8 +101,6 @@ class RequestContextMiddleware:
 
 
 async def _send_json(send: Send, status: int, body: dict, request_id: str) -> None:
-    import json
-
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),

@@ -45,7 +45,7 @@ MANIFEST_FILE = "manifest.json"
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where the decoder layers and the K/V projections of one model family live."""
+    """Module paths of the decoder layers and K/V projections of one model family."""
 
     layers: str  # dotted path from the causal-LM module to the list of decoder layers
     attention: str  # attribute of a decoder layer holding the attention block
@@ -466,7 +466,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     )
     if checkpoint.checkpoint_id != manifest.get("checkpoint_id"):
         raise CheckpointError(
-            f"bridge weights {weights_path} have id {checkpoint.checkpoint_id} but the manifest says "
+            f"bridge weights {weights_path} have id {checkpoint.checkpoint_id} but the manifest records "
             f"{manifest.get('checkpoint_id')}: the files are corrupt or from different checkpoints"
         )
     return checkpoint

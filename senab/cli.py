@@ -35,17 +35,12 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from senab.experiment import DataConfig, run
-    from senab.models import ModelError, load_model
     from senab.train import TrainConfig
 
-    def load():
-        return load_model(args.model, dtype="float32", device=args.device, home=_home(args))
-
-    try:
-        load()
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loader = _model_loader(args)
+    if loader is None:
         return 1
+    load, model_name = loader
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - {"senab", "lora", "ia3"})
     if unknown:
@@ -62,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     for method, path in finals.items():
         print(f"{method}: {path}")
     if args.ship and "senab" in finals:
-        target = Path(__file__).resolve().parent / "weights" / load().name
+        target = Path(__file__).resolve().parent / "weights" / model_name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(finals["senab"], target)
@@ -74,20 +69,15 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from senab.evaluate import evaluate_run
-    from senab.models import ModelError, load_model
-
-    def load():
-        return load_model(args.model, dtype="float32", device=args.device, home=_home(args))
 
     run_dir = Path(args.run)
     if not (run_dir / "data.json").exists():
         print(f"error: {run_dir} has no data.json; run `senab train --out {run_dir}` first", file=sys.stderr)
         return 1
-    try:
-        load()
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loader = _model_loader(args)
+    if loader is None:
         return 1
+    load, _ = loader
     command = "senab eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "senab eval"
     evaluate_run(load, run_dir, Path(args.out), command=command, test_windows=args.test_windows)
     print(Path(args.out) / "evaluation.md")
@@ -104,6 +94,28 @@ def _bridge_info(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(checkpoint.manifest(), indent=2))
     return 0
+
+
+def _model_loader(args: argparse.Namespace):
+    """Return (load, model name), where `load()` loads the base model in float32 for training
+    or evaluation; print the error and return None when the model cannot be loaded."""
+    from senab.models import ModelError, load_model
+
+    def load():
+        return load_model(args.model, dtype="float32", device=args.device, home=_home(args))
+
+    try:
+        loaded = load()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return load, loaded.name
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
 
 
 def _home(args: argparse.Namespace):
@@ -127,13 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the bridge (and LoRA / IA3 baselines) on chitchat")
     train.add_argument("--out", default="runs/default", help="run directory (default runs/default)")
     train.add_argument("--methods", default="senab", help="comma-separated: senab, lora, ia3 (default senab)")
-    train.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    train.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
+    _add_model_arguments(train)
     train.add_argument("--steps", type=int, help="optimizer steps per method (default 400)")
     train.add_argument("--batch-size", type=int, help="windows per step (default 2)")
     train.add_argument("--turns", type=int, default=4, help="user/assistant turns per window (default 4)")
-    train.add_argument("--max-length", type=int, default=512, help="longest window in tokens (default 512)")
+    train.add_argument("--max-length", type=int, default=512, help="maximum window length in tokens (default 512)")
     train.add_argument("--train-windows", type=int, default=1000, help="training windows (default 1000)")
     train.add_argument("--lm-loss-turns", type=int, default=0,
                        help="SENAB: last turns per window with a language-model loss; 0 means all")
@@ -151,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a training run and write the report with plots")
     evaluate.add_argument("--run", default="runs/default", help="run directory of `senab train`")
     evaluate.add_argument("--out", default="docs", help="directory for evaluation.md and the plots (default docs)")
-    evaluate.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
-    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    evaluate.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
+    _add_model_arguments(evaluate)
     evaluate.add_argument("--test-windows", type=int, help="test windows for perplexity (default: as trained)")
     evaluate.set_defaults(func=_eval)
 

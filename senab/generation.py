@@ -169,7 +169,7 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generated: l
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the most likely
+        # Drop a token when the tokens ranked above it already reach top_p. The most likely
         # token always stays, even for a top_p that rounds to 0 in float32.
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         drop[0] = False

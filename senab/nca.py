@@ -31,7 +31,7 @@ class NCAConfig:
     kernel_width: int = 3
     # Initial bias of the gate. At 0 each step keeps half of the old cell, so after six steps
     # 1/64 of the seeded lattice is left and an untrained lattice collapses to one pattern
-    # whatever the text; at -2 each step keeps 88% and about half survives.
+    # whatever the text. At -2 each step keeps 88%, so about half survives.
     gate_bias: float = -2.0
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Session state: the homeostasis update law and the versioned binary records.
 
-A session holds one C-dimensional vector s. It starts at the set-point s*, and after each
+A session has one C-dimensional state vector s. It starts at the set-point s*, and after each
 completed turn with readout n it moves by
 
     s <- s + alpha * (n - s) + beta * (s* - s)
@@ -72,7 +72,7 @@ class Homeostasis:
 
 @dataclass
 class SessionRecord:
-    """What is stored for a session between turns."""
+    """Stored state of a session between turns."""
 
     checkpoint_id: str
     state: np.ndarray  # (C,) float32

@@ -139,7 +139,7 @@ class LowerCache:
 
 @dataclass
 class WindowPass:
-    """What one SENAB pass over a window produced."""
+    """Losses, states and readouts of one SENAB pass over a window."""
 
     lm_loss: torch.Tensor  # mean cross-entropy over the window's reply tokens
     valence_loss: torch.Tensor

@@ -29,7 +29,7 @@ run: $(STAMP)
 
 # The comparison of docs/evaluation.md: SENAB, LoRA and IA3 on the same data, then the report.
 train: $(STAMP)
-	$(BIN)/senab train --out runs/smollm2 --methods senab,lora,ia3 --steps 400 --train-windows 800
+	$(BIN)/senab train --out runs/smollm2 --methods senab,lora,ia3 --steps 400 --train-windows 800 --state-windows 1200
 
 eval: $(STAMP)
 	$(BIN)/senab eval --run runs/smollm2 --out docs

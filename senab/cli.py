@@ -47,12 +47,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: unknown method(s) {', '.join(unknown)}; use senab, lora and/or ia3", file=sys.stderr)
         return 2
     data_config = DataConfig(data_seed=args.data_seed, turns_per_window=args.turns, max_length=args.max_length,
-                             train_windows=args.train_windows)
+                             train_windows=args.train_windows, state_windows=args.state_windows)
     defaults = TrainConfig()
     train_config = TrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
                                seed=args.seed,
                                checkpoint_every=args.checkpoint_every, lm_loss_turns=args.lm_loss_turns,
-                               valence_weight=args.valence_weight, set_point_weight=args.set_point_weight)
+                               valence_weight=args.valence_weight, set_point_weight=args.set_point_weight,
+                               arousal_weight=args.arousal_weight, arousal_distance=args.arousal_distance,
+                               state_batch=args.state_batch if args.state_windows else 0)
     finals = run(load, methods, Path(args.out), data_config, train_config, resume=args.resume)
     for method, path in finals.items():
         print(f"{method}: {path}")
@@ -151,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SENAB: weight of the valence loss (default 10)")
     train.add_argument("--set-point-weight", type=float, default=1.0,
                        help="SENAB: weight of the loss pulling the set-point toward the mean readout")
+    train.add_argument("--arousal-weight", type=float, default=3.0,
+                       help="SENAB: weight of the loss making the distance to the set-point track |VADER| (default 3)")
+    train.add_argument("--arousal-distance", type=float, default=2.0,
+                       help="SENAB: distance to the set-point that |VADER| = 1 should reach (default 2)")
+    train.add_argument("--state-windows", type=int, default=0,
+                       help="SENAB: extra training windows that feed only the state losses (default 0)")
+    train.add_argument("--state-batch", type=int, default=4,
+                       help="SENAB: state windows per step, when --state-windows is set (default 4)")
     train.add_argument("--seed", type=int, default=0, help="initialisation seed")
     train.add_argument("--data-seed", type=int, default=0, help="seed of the conversation split and order")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")

@@ -13,16 +13,21 @@ bridge's readout window) and which tokens belong to the reply (the only tokens w
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
 _MARKER = "\x00senab-content\x00"
+# VADER compound at or below which a user message counts as negative (VADER's own
+# threshold for "negative" is -0.05; -0.3 keeps mild hedges such as "no" out).
+NEGATIVE_VALENCE = -0.3
 
 
 @dataclass(frozen=True)
@@ -159,14 +164,9 @@ def encode_window(tokenizer, conversation_id: str, turns: Sequence[tuple[str, st
     return window
 
 
-def make_windows(tokenizer, conversations: Sequence[Conversation], *, turns_per_window: int = 4,
-                 max_length: int = 512, max_windows: int | None = None) -> list[Window]:
-    """Cut conversations into windows of exactly `turns_per_window` turns that fit `max_length`.
-
-    Windows do not overlap. A window longer than `max_length` tokens is skipped, and so is a
-    conversation's tail shorter than `turns_per_window`.
-    """
-    windows: list[Window] = []
+def iter_windows(tokenizer, conversations: Sequence[Conversation], *, turns_per_window: int = 4,
+                 max_length: int = 512) -> Iterator[Window]:
+    """Yield the windows of `make_windows` one by one, in the same order."""
     skipped = 0
     for conversation in conversations:
         scores = vader_scores(user for user, _ in conversation.turns)
@@ -176,9 +176,38 @@ def make_windows(tokenizer, conversations: Sequence[Conversation], *, turns_per_
             if len(window.ids) > max_length:
                 skipped += 1
                 continue
-            windows.append(window)
-            if max_windows is not None and len(windows) >= max_windows:
-                return windows
+            yield window
     if skipped:
         logger.info("skipped %d windows longer than %d tokens", skipped, max_length)
-    return windows
+
+
+def make_windows(tokenizer, conversations: Sequence[Conversation], *, turns_per_window: int = 4,
+                 max_length: int = 512, max_windows: int | None = None) -> list[Window]:
+    """Cut conversations into windows of exactly `turns_per_window` turns that fit `max_length`.
+
+    Windows do not overlap. A window longer than `max_length` tokens is skipped, and so is a
+    conversation's tail shorter than `turns_per_window`.
+    """
+    windows = iter_windows(tokenizer, conversations, turns_per_window=turns_per_window, max_length=max_length)
+    return list(itertools.islice(windows, max_windows))
+
+
+def pick_with_negatives(windows: Iterable[Window], count: int, negative_share: float,
+                        threshold: float = NEGATIVE_VALENCE) -> list[Window]:
+    """Take `count` windows in order, of which at least `negative_share` hold a user message
+    with VADER at most `threshold` (fewer only when `windows` runs out of them).
+
+    Negative messages are rare in chitchat (about 9% of user turns score -0.3 or less), so a
+    pool drawn in order would teach the valence probe little about them.
+    """
+    wanted_negative = math.ceil(count * negative_share)
+    negative: list[Window] = []
+    other: list[Window] = []
+    for window in windows:
+        if len(negative) + len(other) >= count and len(negative) >= wanted_negative:
+            break
+        if min(turn.valence for turn in window.turns) <= threshold and len(negative) < wanted_negative:
+            negative.append(window)
+        elif len(other) < count:
+            other.append(window)
+    return negative + other[:count - len(negative)]

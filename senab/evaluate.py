@@ -12,6 +12,7 @@ Metrics, all on data the training never saw:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -255,7 +256,9 @@ def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windo
     from senab import report as render
 
     data_record = json.loads((run_dir / "data.json").read_text())
-    config = DataConfig(**data_record["config"])
+    # Evaluation reads only the validation and test windows; the report takes the training
+    # counts from data.json.
+    config = dataclasses.replace(DataConfig(**data_record["config"]), train_windows=0, state_windows=0)
     if test_windows is not None:
         config.test_windows = test_windows
     tokenizer = load().tokenizer

@@ -12,6 +12,7 @@ Output layout under the run directory:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from senab.data import Split, Window, load_chitchat, make_windows, split_conversations
+from senab.data import Split, Window, iter_windows, load_chitchat, make_windows, pick_with_negatives, split_conversations
 from senab.train import (
     LowerCache, TrainConfig, Trainer, arousal_scale, latest_step_dir, select_homeostasis, write_history,
 )
@@ -33,6 +34,11 @@ class DataConfig:
     turns_per_window: int = 4
     max_length: int = 512
     train_windows: int = 1000
+    # Windows after the training windows (same split, no overlap) that feed only the state
+    # losses of SENAB (`TrainConfig.state_batch`); the baselines never see them.
+    state_windows: int = 0
+    # Share of the state windows that hold a negative user message (`senab.data.pick_with_negatives`).
+    state_negative_share: float = 0.5
     validation_windows: int = 60
     test_windows: int = 100
     conversations: int | None = None  # use only the first N conversations (tests)
@@ -42,6 +48,7 @@ class DataConfig:
 class PreparedData:
     split: Split
     train: list[Window]
+    state: list[Window]
     validation: list[Window]
     test: list[Window]
 
@@ -56,7 +63,11 @@ def prepare_data(tokenizer, config: DataConfig) -> PreparedData:
         return make_windows(tokenizer, part, turns_per_window=config.turns_per_window,
                             max_length=config.max_length, max_windows=limit)
 
-    return PreparedData(split=split, train=windows(split.train, config.train_windows),
+    candidates = iter_windows(tokenizer, split.train, turns_per_window=config.turns_per_window,
+                              max_length=config.max_length)
+    train = list(itertools.islice(candidates, config.train_windows))
+    state = pick_with_negatives(candidates, config.state_windows, config.state_negative_share)
+    return PreparedData(split=split, train=train, state=state,
                         validation=windows(split.validation, config.validation_windows),
                         test=windows(split.test, config.test_windows))
 
@@ -67,7 +78,8 @@ def write_data_record(data: PreparedData, config: DataConfig, path: Path) -> Non
         "config": dataclasses.asdict(config),
         "conversations": {"train": len(data.split.train), "validation": len(data.split.validation),
                           "test": len(data.split.test)},
-        "windows": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+        "windows": {"train": len(data.train), "state": len(data.state), "validation": len(data.validation),
+                    "test": len(data.test)},
         "test_conversation_ids": [c.id for c in data.split.test],
     }, indent=1) + "\n")
 
@@ -77,8 +89,8 @@ def train_method(load, method: str, data: PreparedData, train_config: TrainConfi
     """Train one method and write its final output; return the final directory."""
     loaded = load()
     out = run_dir / method
-    trainer = Trainer(loaded.model, loaded.tokenizer, data.train, train_config, out, base_model=loaded.name,
-                      base_digest=loaded.digest, progress=progress)
+    trainer = Trainer(loaded.model, loaded.tokenizer, data.train, train_config, out, state_windows=data.state,
+                      base_model=loaded.name, base_digest=loaded.digest, progress=progress)
     previous = latest_step_dir(out) if resume else None
     if previous is not None:
         trainer.resume(previous)
@@ -90,6 +102,9 @@ def train_method(load, method: str, data: PreparedData, train_config: TrainConfi
 
         for index, window in enumerate(tqdm(data.train, desc="cache layer inputs", disable=not progress)):
             trainer.cache.get(index, window)
+        if train_config.state_batch:
+            for index, window in enumerate(tqdm(data.state, desc="cache state windows", disable=not progress)):
+                trainer.state_cache.get(index, window)
         preprocessing = time.perf_counter() - started
     else:
         preprocessing = 0.0
@@ -111,7 +126,7 @@ def train_method(load, method: str, data: PreparedData, train_config: TrainConfi
         homeostasis_search=grid,
         timing={"seconds_per_step": result.seconds_per_step, "train_seconds": result.total_seconds,
                 "preprocessing_seconds": preprocessing},
-        data={"seed": train_config.data_seed, "train_windows": len(data.train)},
+        data={"seed": train_config.data_seed, "train_windows": len(data.train), "state_windows": len(data.state)},
     )
     checkpoint.save(final)
     logger.info("SENAB checkpoint %s saved to %s (alpha %.2f, beta %.2f, arousal scale %.3f)",

@@ -8,9 +8,12 @@ reply with the current state s_k (as the server does), its readout n_k moves the
 
 and the loss is the reply tokens' cross-entropy plus `valence_weight` times the squared
 error between the probe's valence tanh(a . s_{k+1} + b) and the VADER score of turn k's user
-message, plus `set_point_weight` times the squared distance from s* to the (detached)
-readouts. Gradients flow through the whole window (T turns). The lower layers run once per
-window and are cached for later epochs (`senab.stack`).
+message, plus `arousal_weight` times the squared error between ||s_{k+1} - s*|| /
+`arousal_distance` and |VADER|, plus `set_point_weight` times the squared distance from s*
+to the (detached) readouts. Gradients flow through the whole window (T turns). The lower
+layers run once per window and are cached for later epochs (`senab.stack`). With
+`state_batch` > 0, each step also runs the state chain alone (no language-model loss) on
+windows from a separate pool, so the probe sees more labelled turns at little cost.
 
 The baselines train on the same windows, steps, batch size and sequence length with a plain
 forward pass whose labels are the same reply tokens.
@@ -58,9 +61,18 @@ class TrainConfig:
     # Pulls the set-point toward the mean turn readout (the readout side is not moved), so
     # an ordinary turn leaves the state near rest and the distance measures provocation.
     set_point_weight: float = 1.0
+    # Makes the distance ||s - s*|| after a turn track the intensity |VADER| of its user
+    # message, reaching `arousal_distance` at |VADER| = 1: ordinary turns leave the state
+    # near rest, so a provocation stands out and the distance can relax back.
+    arousal_weight: float = 3.0
+    arousal_distance: float = 2.0
     # Turns per window whose replies carry the language-model loss, counted from the last;
     # 0 means all. The state chain and the valence loss always cover every turn.
     lm_loss_turns: int = 0
+    # Extra windows per step, from the separate state pool, that feed only the state losses
+    # (valence, arousal, set-point): the probe needs more labelled turns than the language
+    # loss needs windows, and the state chain costs only the automaton.
+    state_batch: int = 0
     alpha: float = 0.5
     beta: float = 0.2
     turns_per_window: int = 4
@@ -76,6 +88,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "turns_per_window", "max_length", "checkpoint_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("valence_weight", "set_point_weight", "arousal_weight", "lm_loss_turns", "state_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must not be negative, got {getattr(self, name)}")
+        if not self.arousal_distance > 0:
+            raise ValueError(f"TrainConfig.arousal_distance must be positive, got {self.arousal_distance}")
         Homeostasis(self.alpha, self.beta)
 
 
@@ -144,10 +161,12 @@ class WindowPass:
     lm_loss: torch.Tensor  # mean cross-entropy over the window's reply tokens
     valence_loss: torch.Tensor
     set_point_loss: torch.Tensor  # mean squared distance of s* to the detached readouts
+    arousal_loss: torch.Tensor
     tokens: int
     states: list[torch.Tensor]  # state after each turn (C,)
     readouts: list[torch.Tensor]
     valences: list[torch.Tensor]
+    states_before: list[torch.Tensor]  # state each turn ran with
 
 
 def turn_readout(bridge, hidden: torch.Tensor, state: torch.Tensor, user_start: int, end: int) -> torch.Tensor:
@@ -155,56 +174,78 @@ def turn_readout(bridge, hidden: torch.Tensor, state: torch.Tensor, user_start: 
 
     This is the lattice the read-in hook grows during the turn's forward pass, computed
     without the decoder layers: it depends only on the cached input of layer L-m and the state.
+    A lattice row sees at most `receptive_field` rows back, so the growth starts there
+    instead of at position 0: the result is the same and a turn costs its own length.
     """
-    x0 = bridge.seed_lattice(hidden[:, :end], state.unsqueeze(0))
+    start = max(0, user_start - bridge.cell.config.receptive_field)
+    x0 = bridge.seed_lattice(hidden[:, start:end], state.unsqueeze(0))
     lattice, _ = bridge.cell.grow(x0)
-    return lattice[0, user_start:end].mean(0)
+    return lattice[0, user_start - start:].mean(0)
+
+
+def state_losses(checkpoint: Checkpoint, probe: nn.Linear | None, window: Window, hidden: torch.Tensor,
+                 homeostasis: Homeostasis, arousal_distance: float,
+                 start_state: torch.Tensor | None = None) -> WindowPass:
+    """Run the state chain of `window` (readouts, homeostasis, valence) and its losses.
+
+    The language-model fields of the result are zero: `senab_window_pass` adds them.
+    """
+    bridge = checkpoint.bridge
+    set_point = bridge.set_point
+    state = set_point if start_state is None else start_state
+    states_before, states, readouts, valences = [], [], [], []
+    valence_sum = arousal_sum = hidden.new_zeros(())
+
+    for turn in window.turns:
+        states_before.append(state)
+        readout = turn_readout(bridge, hidden, state, turn.user_start, turn.reply_end)
+        state = state + homeostasis.alpha * (readout - state) + homeostasis.beta * (set_point - state)
+        valence = torch.tanh(probe(state)).squeeze(-1) if probe is not None else torch.full_like(state[0], math.nan)
+        if probe is not None:
+            valence_sum = valence_sum + (valence - turn.valence) ** 2
+        # The epsilon keeps the gradient finite at the set-point itself.
+        distance = torch.sqrt((state - set_point).pow(2).sum() + 1e-8)
+        arousal_sum = arousal_sum + (distance / arousal_distance - abs(turn.valence)) ** 2
+        states.append(state)
+        readouts.append(readout)
+        valences.append(valence)
+
+    turns = len(window.turns)
+    set_point_loss = torch.stack([(set_point - r.detach()).pow(2).mean() for r in readouts]).mean()
+    zero = hidden.new_zeros(())
+    return WindowPass(lm_loss=zero, valence_loss=valence_sum / turns, set_point_loss=set_point_loss,
+                      arousal_loss=arousal_sum / turns, tokens=0, states=states, readouts=readouts,
+                      valences=valences, states_before=states_before)
 
 
 def senab_window_pass(model, handle, checkpoint: Checkpoint, probe: nn.Linear, window: Window,
                       hidden: torch.Tensor, homeostasis: Homeostasis, *, lm_loss_turns: int | None = None,
-                      start_state: torch.Tensor | None = None) -> WindowPass:
+                      start_state: torch.Tensor | None = None,
+                      arousal_distance: float = TrainConfig.arousal_distance) -> WindowPass:
     """Run the turns of `window` with the evolving session state, as the server would.
 
     The state chain (readouts, homeostasis, valence) covers every turn and costs only the
     automaton. The language-model loss runs the upper layers for the last `lm_loss_turns`
     turns (all when None), each over the whole conversation up to the end of its reply.
     """
-    bridge = checkpoint.bridge
-    first = bridge.config.first_layer
-    set_point = bridge.set_point
-    state = set_point if start_state is None else start_state
+    result = state_losses(checkpoint, probe, window, hidden, homeostasis, arousal_distance, start_state)
+    first = checkpoint.bridge.config.first_layer
     ids = torch.as_tensor(window.ids, device=hidden.device)
-    states_before, states, readouts, valences = [], [], [], []
-    valence_sum = hidden.new_zeros(())
-
-    for turn in window.turns:
-        states_before.append(state)
-        readout = turn_readout(bridge, hidden, state, turn.user_start, turn.reply_end)
-        state = state + homeostasis.alpha * (readout - state) + homeostasis.beta * (set_point - state)
-        valence = torch.tanh(probe(state)).squeeze(-1)
-        valence_sum = valence_sum + (valence - turn.valence) ** 2
-        states.append(state)
-        readouts.append(readout)
-        valences.append(valence)
-
     loss_sum = hidden.new_zeros(())
     tokens = 0
     count = len(window.turns) if lm_loss_turns is None else min(lm_loss_turns, len(window.turns))
     for k in range(len(window.turns) - count, len(window.turns)):
         turn = window.turns[k]
-        bridge_state = BridgeState(bridge, states_before[k].unsqueeze(0), [turn.user_start])
+        bridge_state = BridgeState(checkpoint.bridge, result.states_before[k].unsqueeze(0), [turn.user_start])
         with handle.activate(bridge_state):
             final = upper_hidden(model, hidden[:, :turn.reply_end], first)
         positions = torch.arange(turn.reply_start - 1, turn.reply_end - 1, device=hidden.device)
         logits = token_logits(model, final, positions).float()
         loss_sum = loss_sum + F.cross_entropy(logits, ids[positions + 1], reduction="sum")
         tokens += len(positions)
-
-    set_point_loss = torch.stack([(set_point - r.detach()).pow(2).mean() for r in readouts]).mean()
-    return WindowPass(lm_loss=loss_sum / max(tokens, 1), valence_loss=valence_sum / len(window.turns),
-                      set_point_loss=set_point_loss, tokens=tokens, states=states, readouts=readouts,
-                      valences=valences)
+    result.lm_loss = loss_sum / max(tokens, 1)
+    result.tokens = tokens
+    return result
 
 
 def labelled_batch(windows: list[Window], pad_id: int) -> dict[str, torch.Tensor]:
@@ -238,9 +279,14 @@ class Trainer:
     """One training run: its model, parameters, optimizer, schedule and checkpoints."""
 
     def __init__(self, model, tokenizer, windows: list[Window], config: TrainConfig, out_dir: str | Path, *,
-                 base_model: str = "", base_digest: str | None = None, progress: bool = True) -> None:
+                 state_windows: list[Window] | None = None, base_model: str = "", base_digest: str | None = None,
+                 progress: bool = True) -> None:
         if not windows:
             raise ValueError("no training windows: check the data split and max_length")
+        state_windows = state_windows or []
+        if config.method == "senab" and config.state_batch and not state_windows:
+            raise ValueError(f"TrainConfig.state_batch is {config.state_batch} but there are no state windows; "
+                             "pass state_windows or set state_batch to 0")
         self.model = model
         self.tokenizer = tokenizer
         self.windows = windows
@@ -249,6 +295,10 @@ class Trainer:
         self.progress = progress
         self.homeostasis = Homeostasis(config.alpha, config.beta)
         self.schedule = batch_schedule(len(windows), config.steps, config.batch_size, config.data_seed)
+        self.state_windows = state_windows
+        self.state_schedule = (batch_schedule(len(state_windows), config.steps, config.state_batch,
+                                              config.data_seed + 1) if config.method == "senab" and config.state_batch
+                               else [[] for _ in range(config.steps)])
         torch.manual_seed(config.seed)
 
         if config.method == "senab":
@@ -259,6 +309,7 @@ class Trainer:
             self.handle = attach_bridge(model, self.checkpoint.bridge)
             freeze_base_model(model, self.checkpoint.bridge)
             self.cache = LowerCache(model, self.checkpoint.bridge.config.first_layer)
+            self.state_cache = LowerCache(model, self.checkpoint.bridge.config.first_layer)
             parameters = list(self.checkpoint.bridge.parameters()) + list(self.probe.parameters())
             self.trainable = self.checkpoint.bridge.num_parameters()
         else:
@@ -274,20 +325,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
+    def _senab_loss(self, result: WindowPass) -> torch.Tensor:
+        c = self.config
+        return (result.lm_loss + c.valence_weight * result.valence_loss + c.set_point_weight * result.set_point_loss
+                + c.arousal_weight * result.arousal_loss)
+
     def _senab_step(self, batch: list[int]) -> StepRecord:
+        """LM and state losses on `batch`, plus state losses on this step's state windows.
+
+        Each window's loss is scaled by 1 / len(batch): the state windows add to the state
+        losses' weight without changing the language-model loss.
+        """
         lm_total = valence_total = 0.0
         tokens = 0
         for index in batch:
             window = self.windows[index]
-            hidden = self.cache.get(index, window)
-            result = senab_window_pass(self.model, self.handle, self.checkpoint, self.probe, window, hidden,
-                                       self.homeostasis, lm_loss_turns=self.config.lm_loss_turns or None)
-            loss = (result.lm_loss + self.config.valence_weight * result.valence_loss
-                    + self.config.set_point_weight * result.set_point_loss)
-            (loss / len(batch)).backward()
+            result = senab_window_pass(self.model, self.handle, self.checkpoint, self.probe, window,
+                                       self.cache.get(index, window), self.homeostasis,
+                                       lm_loss_turns=self.config.lm_loss_turns or None,
+                                       arousal_distance=self.config.arousal_distance)
+            (self._senab_loss(result) / len(batch)).backward()
             lm_total += result.lm_loss.item() / len(batch)
             valence_total += result.valence_loss.item() / len(batch)
             tokens += len(window.ids)
+        for index in self.state_schedule[self.step]:
+            window = self.state_windows[index]
+            result = state_losses(self.checkpoint, self.probe, window, self.state_cache.get(index, window),
+                                  self.homeostasis, self.config.arousal_distance)
+            (self._senab_loss(result) / len(batch)).backward()
         return StepRecord(step=self.step, loss=lm_total + self.config.valence_weight * valence_total,
                           lm_loss=lm_total, valence_loss=valence_total, seconds=0.0, tokens=tokens)
 

@@ -1,5 +1,6 @@
 """The training and evaluation pipeline on a tiny random model and real chitchat conversations."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,11 +9,14 @@ import pytest
 import torch
 
 from senab.bridge import BridgeState, attach_bridge, load_checkpoint, new_checkpoint
-from senab.data import encode_window, load_chitchat, split_conversations
+from senab.data import (
+    NEGATIVE_VALENCE, EncodedTurn, Window, encode_window, load_chitchat, pick_with_negatives, split_conversations,
+)
 from senab.evaluate import distinct_n, evaluate_run, silhouette
 from senab.experiment import DataConfig, run
 from senab.stack import lower_hidden, upper_hidden
-from senab.train import TrainConfig, Trainer, batch_schedule, latest_step_dir, turn_readout
+from senab.state import Homeostasis
+from senab.train import TrainConfig, Trainer, batch_schedule, latest_step_dir, state_losses, turn_readout
 from tests.helpers import make_tiny_llama, make_tiny_tokenizer
 
 SMALL_DATA = DataConfig(conversations=300, train_windows=10, validation_windows=4, test_windows=4, max_length=256)
@@ -71,8 +75,11 @@ def test_turn_readout_matches_bridge_hook():
     model, tokenizer = make_tiny_llama(seed=0)
     checkpoint = new_checkpoint(model.config)
     handle = attach_bridge(model, checkpoint.bridge)
-    window = encode_window(tokenizer, "c", [("Hello, world!", "Hi."), ("Numbers: 1 2 3", "4 5")], [0.0, 0.0])
+    window = encode_window(tokenizer, "c", [("Hello, world! How is the weather today?", "Sunny and warm."),
+                                            ("Numbers: 1 2 3", "4 5")], [0.0, 0.0])
     turn = window.turns[1]
+    # turn_readout grows only the receptive field before the turn; make that a real cut.
+    assert turn.user_start > checkpoint.bridge.config.nca.receptive_field
     first = checkpoint.bridge.config.first_layer
     hidden = lower_hidden(model, window.ids, first)
     state = torch.randn(32)
@@ -90,21 +97,62 @@ def test_turn_readout_matches_bridge_hook():
 def test_resume_equals_uninterrupted(tmp_path):
     from senab.experiment import prepare_data
 
-    data = prepare_data(make_tiny_tokenizer(), SMALL_DATA)
-    config = TrainConfig(steps=4, checkpoint_every=2)
+    data = prepare_data(make_tiny_tokenizer(), dataclasses.replace(SMALL_DATA, state_windows=3))
+    config = TrainConfig(steps=4, checkpoint_every=2, state_batch=2)
 
-    straight = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "a", progress=False)
+    def trainer(out):
+        return Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, out, state_windows=data.state,
+                       progress=False)
+
+    straight = trainer(tmp_path / "a")
     straight.train()
 
-    first = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "b", progress=False)
+    first = trainer(tmp_path / "b")
     first.train(until=2)
-    resumed = Trainer(load_tiny().model, make_tiny_tokenizer(), data.train, config, tmp_path / "b", progress=False)
+    resumed = trainer(tmp_path / "b")
     resumed.resume(latest_step_dir(tmp_path / "b"))
     resumed.train()
 
     for (name, a), (_, b) in zip(straight._named_trainable(), resumed._named_trainable()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert [r.loss for r in resumed.result.history] == pytest.approx([r.loss for r in straight.result.history])
+
+
+def test_state_pool_holds_negative_share():
+    def window(valences):
+        w = Window(conversation_id="c", ids=[0])
+        w.turns = [EncodedTurn(user_start=0, reply_start=0, reply_end=1, valence=v) for v in valences]
+        return w
+
+    candidates = [window([0.5, 0.1])] * 6 + [window([0.2, -0.6]), window([0.0, 0.3]), window([-0.31, 0.0])]
+    picked = pick_with_negatives(iter(candidates), 4, 0.5)
+
+    assert len(picked) == 4
+    assert [min(t.valence for t in w.turns) <= NEGATIVE_VALENCE for w in picked] == [True, True, False, False]
+    # Only two negative windows exist: the third place goes to the first other one.
+    assert pick_with_negatives(iter(candidates), 3, 1.0) == [candidates[6], candidates[8], candidates[0]]
+    assert pick_with_negatives(iter(candidates), 0, 0.5) == []
+
+
+def test_state_losses_follow_their_definitions():
+    model, tokenizer = make_tiny_llama(seed=0)
+    checkpoint = new_checkpoint(model.config)
+    window = encode_window(tokenizer, "c", [("I love this!", "Great."), ("This is awful.", "Sorry.")], [0.6, -0.5])
+    hidden = lower_hidden(model, window.ids, checkpoint.bridge.config.first_layer)
+    probe = torch.nn.Linear(32, 1)
+    law = Homeostasis(0.6, 0.3)
+
+    result = state_losses(checkpoint, probe, window, hidden, law, arousal_distance=2.0)
+
+    set_point = checkpoint.bridge.set_point
+    distances = [(s - set_point).norm() for s in result.states]
+    expected_arousal = sum((d / 2.0 - abs(t.valence)) ** 2 for d, t in zip(distances, window.turns)) / 2
+    expected_valence = sum((torch.tanh(probe(s)) - t.valence) ** 2 for s, t in zip(result.states, window.turns)) / 2
+    torch.testing.assert_close(result.arousal_loss, expected_arousal, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.valence_loss, expected_valence.squeeze(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.states[0], set_point + 0.6 * (result.readouts[0] - set_point), atol=1e-6, rtol=0)
+    result.arousal_loss.backward()
+    assert checkpoint.bridge.read_in.weight.grad.abs().sum() > 0
 
 
 def test_resume_rejects_other_config(tmp_path):
@@ -122,8 +170,8 @@ def test_resume_rejects_other_config(tmp_path):
 
 
 def test_pipeline_end_to_end(tmp_path):
-    finals = run(load_tiny, ["senab", "lora", "ia3"], tmp_path / "run", SMALL_DATA,
-                 TrainConfig(steps=3, checkpoint_every=3), progress=False)
+    finals = run(load_tiny, ["senab", "lora", "ia3"], tmp_path / "run", dataclasses.replace(SMALL_DATA, state_windows=2),
+                 TrainConfig(steps=3, checkpoint_every=3, state_batch=1), progress=False)
     report = evaluate_run(load_tiny, tmp_path / "run", tmp_path / "docs", command="test", progress=False)
 
     checkpoint = load_checkpoint(finals["senab"])

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import AsyncIterator
 
 from app.engine import Engine
 from app.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, RequestTimeout
+from app.metrics import Metrics
 from app.protocol import ChatCompletionRequest, SenabInfo, check_session_id
 from app.sessions import LoadedSession, SessionService
 from senab.generation import GenerationRequest
@@ -50,6 +52,8 @@ class Turn:
         self.completion_tokens = 0
         self.text = ""
         self.record: SessionRecord = session.record
+        self.admitted = time.monotonic()
+        self.first_token: float | None = None
 
     @property
     def session_id(self) -> str:
@@ -70,12 +74,18 @@ class Turn:
                 return
             async for output in self.job.stream():
                 if output.text:
+                    if self.first_token is None:
+                        self.first_token = time.monotonic()
                     self.text += output.text
                     yield output.text
                 if output.finish_reason is not None:
                     self.finish_reason = output.finish_reason
                     self.completion_tokens = output.completion_tokens
                     self.prompt_tokens = output.prompt_tokens
+                    self.service.metrics.observe_completion(
+                        model=self.model, finish_reason=output.finish_reason, prompt_tokens=output.prompt_tokens,
+                        completion_tokens=output.completion_tokens, admitted=self.admitted,
+                        first_token=self.first_token, finished=time.monotonic())
                     if output.finish_reason in ("stop", "length"):
                         await self._commit(output.readout)
                     else:
@@ -121,8 +131,9 @@ class Turn:
 class ChatService:
     def __init__(self, engine: Engine, sessions: SessionService, *, max_tokens_default: int,
                  max_tokens_cap: int, request_timeout_s: float, default_temperature: float = 1.0,
-                 default_top_p: float = 1.0) -> None:
+                 default_top_p: float = 1.0, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()
         self.sessions = sessions
         self.max_tokens_default = max_tokens_default
         self.max_tokens_cap = max_tokens_cap

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from app.chat import ChatService
 from app.config import Settings
 from app.engine import Engine
+from app.metrics import Metrics
 from app.sessions import SessionService
 from app.store import StateStore
 
@@ -24,6 +25,7 @@ class Services:
     store: StateStore
     sessions: SessionService
     chat: ChatService
+    metrics: Metrics
 
 
 def get_services(request: Request) -> Services:

@@ -1,12 +1,13 @@
-"""The serving engine: one model per process, a bounded queue, one decode worker.
+"""The serving engine: one model per process, a bounded queue, one scheduler thread.
 
-Requests wait in a bounded queue (a full queue is a 429) and a single worker thread runs
-them through `senab.generation.Generator`, one request at a time. Text deltas cross from
-the worker thread to the request's event loop through an `asyncio.Queue`.
+Requests wait in a bounded queue (a full queue is a 429). One worker thread owns the model
+and a `senab.generation.DecodeBatch`: at every step boundary it admits queued requests
+(prefilled, then joined to the batch) up to `max_batch_size` sequences, and runs one
+decode step for all of them; finished and cancelled sequences leave at once. Text deltas
+cross from the worker thread to each request's event loop through an `asyncio.Queue`.
 
-NOTE: requests run one after another, so aggregate throughput does not grow with
-concurrent streams. Continuous batching (new sequences joining the decode batch at step
-boundaries) is not implemented yet.
+NOTE: a prefill runs between two decode steps, so the running streams pause while a long
+prompt is prefilled (no chunked prefill).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import AsyncIterator
 import numpy as np
 
 from app.errors import ModelUnavailable, QueueFull
+from app.metrics import Metrics
 from senab.bridge import BridgeHandle, Checkpoint, attach_bridge
-from senab.generation import GenerationRequest, Generator, RowOutput
+from senab.generation import DecodeBatch, GenerationRequest, Generator, RowOutput
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,14 @@ class Job:
 class Engine:
     """Owns the model and the worker thread that decodes queued jobs."""
 
-    def __init__(self, served: ServedModel, *, max_queue: int = 64) -> None:
+    def __init__(self, served: ServedModel, *, max_queue: int = 64, max_batch_size: int = 16,
+                 metrics: Metrics | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.served = served
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics or Metrics()
+        self._running = 0
         self.generator = Generator(served.model, served.tokenizer, served.handle)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
@@ -96,7 +104,8 @@ class Engine:
         if self._worker is None:
             self._worker = threading.Thread(target=self._run, name="senab-engine", daemon=True)
             self._worker.start()
-            logger.info("engine started: model %s, queue size %d", self.served.name, self._queue.maxsize)
+            logger.info("engine started: model %s, batches of up to %d sequences, queue size %d",
+                        self.served.name, self.max_batch_size, self._queue.maxsize)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._worker is None:
@@ -118,6 +127,11 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def running(self) -> int:
+        """Sequences being decoded now."""
+        return self._running
+
     def submit(self, request: GenerationRequest, *, request_id: str, timeout_s: float) -> Job:
         """Queue a request; raise QueueFull (429) when the queue is at its limit."""
         if not self.ready:
@@ -133,22 +147,81 @@ class Engine:
         return job
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
-            started = time.monotonic()
-            try:
-                def should_cancel(_: int, job: Job = job) -> bool:
-                    return job.cancelled.is_set() or time.monotonic() > job.deadline
+        batch = DecodeBatch(self.generator)
+        jobs: dict[int, Job] = {}  # output index -> job, for the rows in the batch
+        next_index = 0
+        stopping = False
 
-                for outputs in self.generator.stream([job.request], should_cancel=should_cancel):
-                    for output in outputs:
-                        job._emit(output)
-            except Exception as exc:  # the worker must survive one bad request
-                logger.exception("request %s failed in the engine", job.request_id)
-                job._emit(exc)
-            else:
-                logger.debug("request %s decoded in %.3f s", job.request_id, time.monotonic() - started)
+        def should_cancel(index: int) -> bool:
+            job = jobs[index]
+            return stopping or job.cancelled.is_set() or time.monotonic() > job.deadline
+
+        while True:
+            admitted = self._admit(block=not batch and not stopping, room=self.max_batch_size - len(batch))
+            if admitted is None:
+                stopping = True
+                admitted = []
+            if stopping and not batch:
+                self._refuse(admitted)
+                return
+            admitted = [job for job in admitted if not job.cancelled.is_set()]
+            if admitted:
+                indices = list(range(next_index, next_index + len(admitted)))
+                next_index += len(admitted)
+                try:
+                    batch.add([job.request for job in admitted], indices)
+                except Exception as exc:  # one bad request must not stop the engine
+                    logger.exception("requests %s failed in prefill",
+                                     ", ".join(job.request_id for job in admitted))
+                    for job in admitted:
+                        job._emit(exc)
+                else:
+                    jobs.update(zip(indices, admitted))
+            if not batch:
+                continue
+
+            self._running = len(batch)
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                outputs = batch.step(should_cancel)
+            except Exception as exc:
+                failed = batch.abort()
+                logger.exception("decode step failed; ending requests %s",
+                                 ", ".join(jobs[i].request_id for i in failed))
+                for index in failed:
+                    jobs.pop(index)._emit(exc)
+                outputs = []
+            for output in outputs:
+                job = jobs[output.index]
+                job._emit(output)
+                if output.finish_reason is not None:
+                    del jobs[output.index]
+                    logger.debug("request %s finished (%s) after %d tokens", job.request_id,
+                                 output.finish_reason, output.completion_tokens)
+            self._running = len(batch)
+
+    def _admit(self, *, block: bool, room: int) -> list[Job] | None:
+        """Take up to `room` queued jobs (waiting for one when `block`); None means stop."""
+        admitted: list[Job] = []
+        while len(admitted) < room:
+            try:
+                job = self._queue.get() if block and not admitted else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._refuse(admitted)
+                return None
+            admitted.append(job)
+        return admitted
+
+    def _refuse(self, jobs: list[Job]) -> None:
+        """Answer `jobs` and everything still queued with 503 (the engine is stopping)."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                jobs.append(job)
+        for job in jobs:
+            job._emit(ModelUnavailable("The server is shutting down; retry on another replica."))

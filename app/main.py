@@ -19,6 +19,7 @@ from app.config import Settings
 from app.deps import Services
 from app.engine import Engine, ServedModel
 from app.errors import error_body, install_error_handlers
+from app.metrics import Metrics, endpoint_label
 from app.routes import chat, health, sessions
 from app.sessions import SessionService
 from app.store import StateStore, create_store
@@ -58,11 +59,13 @@ def load_served_model(settings: Settings) -> ServedModel:
 
 
 class RequestContextMiddleware:
-    """Give every request an id (X-Request-Id) and reject bodies over the size limit (413)."""
+    """Give every request an id (X-Request-Id), reject bodies over the size limit (413), and
+    count responses by endpoint and status."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,9 +75,11 @@ class RequestContextMiddleware:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.max_body_bytes
+        endpoint = endpoint_label(scope.get("path", ""))
 
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            self.metrics.http_requests.labels(endpoint, "413").inc()
             await _send_json(send, 413, error_body(
                 f"The request body has {int(length)} bytes, more than the limit of {limit} bytes.",
                 "invalid_request_error", None, "payload_too_large"), request_id)
@@ -95,6 +100,7 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                self.metrics.http_requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, limited_receive, send_with_id)
@@ -112,6 +118,7 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
                store: StateStore | None = None) -> FastAPI:
     """Build the application; `served` and `store` let tests inject a tiny model or a store."""
     settings = settings or Settings()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,15 +135,18 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
         else:
             logger.info("session state is kept in Redis at %s",
                         settings.redacted()["redis_url"] if settings.redis_url else "the injected store")
-        engine = Engine(model, max_queue=settings.max_queue)
+        engine = Engine(model, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,
+                        metrics=metrics)
         engine.start()
-        session_service = SessionService(state_store, model.checkpoint)
+        metrics.watch_engine(running=lambda: engine.running, waiting=lambda: engine.waiting)
+        session_service = SessionService(state_store, model.checkpoint, metrics=metrics)
         app.state.services = Services(
             settings=settings, engine=engine, store=state_store, sessions=session_service,
             chat=ChatService(engine, session_service, max_tokens_default=settings.max_tokens_default,
                              max_tokens_cap=settings.max_tokens_cap, request_timeout_s=settings.request_timeout_s,
                              default_temperature=settings.default_temperature,
-                             default_top_p=settings.default_top_p),
+                             default_top_p=settings.default_top_p, metrics=metrics),
+            metrics=metrics,
         )
         logger.info("serving %s and %s on %s (%s), bridge checkpoint %s, %d trainable bridge parameters; "
                     "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype,
@@ -155,5 +165,5 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
     app.include_router(chat.router)
     app.include_router(health.router)
     app.include_router(sessions.router)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

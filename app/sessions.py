@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.errors import SessionNotFound, StateConflict, StateInvalid
+from app.metrics import Metrics
 from app.store import StateStore, StoredSession
 from senab.affect import read_affect
 from senab.bridge import Checkpoint
@@ -33,8 +34,10 @@ class LoadedSession:
 
 
 class SessionService:
-    def __init__(self, store: StateStore, checkpoint: Checkpoint, *, max_commit_attempts: int = 5) -> None:
+    def __init__(self, store: StateStore, checkpoint: Checkpoint, *, max_commit_attempts: int = 5,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.set_point = checkpoint.bridge.set_point.detach().float().cpu().numpy()
         self.max_commit_attempts = max_commit_attempts
@@ -68,7 +71,8 @@ class SessionService:
             ) from None
 
     async def load(self, tenant: str, session_id: str) -> LoadedSession | None:
-        stored = await self.store.load(tenant, session_id)
+        with self.metrics.time_store("load"):
+            stored = await self.store.load(tenant, session_id)
         if stored is None:
             return None
         return LoadedSession(session_id, self._decode(session_id, stored), stored.version)
@@ -112,8 +116,9 @@ class SessionService:
             )
             point = TrajectoryPoint(turn=new.turn, time=now, affect=self.affect(state), state=state)
             try:
-                await self.store.commit(tenant, session.session_id, expected_version=current.version,
-                                        record=new.encode(), point=point.encode(), turn=new.turn)
+                with self.metrics.time_store("commit", expected=(StateConflict,)):
+                    await self.store.commit(tenant, session.session_id, expected_version=current.version,
+                                            record=new.encode(), point=point.encode(), turn=new.turn)
                 return new
             except StateConflict:
                 logger.info("session %s: commit conflict on attempt %d, re-reading the state",

@@ -204,6 +204,19 @@ class BridgeState:
         if self.cache is not None:
             self.cache = [c[rows] for c in self.cache]
 
+    def extend(self, other: BridgeState) -> None:
+        """Append the rows of `other` (sequences joining a running batch after their prefill)."""
+        if (self.cache is None) != (other.cache is None):
+            raise ValueError("cannot join a batch state that has run a forward call with one that has not")
+        self.sessions = torch.cat([self.sessions, other.sessions])
+        self.turn_starts = torch.cat([self.turn_starts, other.turn_starts])
+        self.row_enabled = torch.cat([self.row_enabled, other.row_enabled])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.readout_sum = torch.cat([self.readout_sum, other.readout_sum])
+        self.readout_count = torch.cat([self.readout_count, other.readout_count])
+        if self.cache is not None:
+            self.cache = [torch.cat([a, b]) for a, b in zip(self.cache, other.cache)]
+
 
 class _BridgedProjection(nn.Module):
     """A k_proj or v_proj that adds the bridge's delta for the active batch."""

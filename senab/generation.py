@@ -1,7 +1,8 @@
 """Batched incremental decoding with the KV cache and the bridge's NCA cache.
 
-`Generator.stream` prefills a batch of prompts (left-padded) and then decodes one token
-per row per step. Each row has its own sampling settings, random generator, stop strings,
+`DecodeBatch` holds a running batch: requests join it after their prefill and leave it
+when they finish, so a server can batch continuously. `Generator.stream` runs one fixed
+batch through it. Each row has its own sampling settings, random generator, stop strings,
 session vector and bridge switch, so one batch may mix sessions and the base model.
 Text leaves the generator in increments that never split a UTF-8 character and never
 contain any part of a stop string.
@@ -207,63 +208,21 @@ class Generator:
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    @torch.inference_mode()
     def stream(self, requests: list[GenerationRequest],
                should_cancel: Callable[[int], bool] | None = None) -> Iterator[list[RowOutput]]:
         """Yield, per decode step, the outputs of the rows that produced text or finished.
 
-        `should_cancel(index)` is checked before every step; a cancelled row finishes with
-        reason "cancelled" and no readout.
+        Row i is `requests[i]`. `should_cancel(index)` is checked before every step; a
+        cancelled row finishes with reason "cancelled" and no readout.
         """
         if not requests:
             return
-        for i, request in enumerate(requests):
-            if not request.prompt_ids:
-                raise ValueError(f"request {i} has an empty prompt")
-        rows = [_Row(i, r, self.tokenizer) for i, r in enumerate(requests)]
-        bridge_state = self._bridge_state(requests)
-
-        input_ids, attention_mask = self._left_pad([r.prompt_ids for r in requests])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache, bridge_state,
-                               valid=attention_mask.bool())
-        active = list(range(len(rows)))  # batch position -> row index
-
-        while active:
-            outputs: list[RowOutput] = []
-            next_tokens: list[int] = []
-            keep: list[int] = []
-            for position, row_index in enumerate(active):
-                row = rows[row_index]
-                output = self._advance(row, logits[position], should_cancel)
-                if output.finish_reason is not None:
-                    if bridge_state is not None and output.finish_reason != "cancelled" \
-                            and row.request.session is not None:
-                        output.readout = bridge_state.readout()[position].cpu().numpy().astype(np.float32)
-                else:
-                    keep.append(position)
-                    next_tokens.append(row.generated[-1])
-                if output.text or output.finish_reason is not None:
-                    outputs.append(output)
+        batch = DecodeBatch(self)
+        batch.add(requests, list(range(len(requests))))
+        while batch:
+            outputs = batch.step(should_cancel)
             if outputs:
                 yield outputs
-            if not keep:
-                return
-
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                attention_mask = attention_mask[index]
-                position_ids = position_ids[index]
-                if bridge_state is not None:
-                    bridge_state.select(index)
-                active = [active[p] for p in keep]
-
-            step_ids = torch.tensor(next_tokens, device=self.device).unsqueeze(1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            logits = self._forward(step_ids, attention_mask, position_ids, cache, bridge_state, valid=None)
 
     def generate(self, requests: list[GenerationRequest]) -> list[RowOutput]:
         """Run the batch to completion and return each row's whole output."""
@@ -347,6 +306,133 @@ class Generator:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, V)
+
+
+class DecodeBatch:
+    """A running batch that sequences join between steps and leave when they finish.
+
+    `add` prefills new requests as their own left-padded batch and then merges their KV
+    cache, NCA cache and readout sums into the running batch, padding the shorter side's
+    history on the left. Padding is masked out of attention and positions are per row,
+    so a row decodes the same tokens whichever rows share its batch and whenever it joined.
+    `step` samples one token for every row from the logits of the last forward call,
+    drops finished rows, and runs the next forward call for the rest.
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # (B, T) over the cached positions
+        self.position_ids: torch.Tensor | None = None  # (B, 1) position of each row's last token
+        self.bridge_state: BridgeState | None = None
+        self.logits: torch.Tensor | None = None  # (B, V) for each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, requests: list[GenerationRequest], indices: list[int]) -> None:
+        """Prefill `requests` and join them to the batch; `indices` name their outputs."""
+        g = self.generator
+        if len(indices) != len(requests):
+            raise ValueError(f"got {len(indices)} indices for {len(requests)} requests")
+        for i, request in zip(indices, requests):
+            if not request.prompt_ids:
+                raise ValueError(f"request {i} has an empty prompt")
+        rows = [_Row(i, r, g.tokenizer) for i, r in zip(indices, requests)]
+        bridge_state = g._bridge_state(requests)
+        input_ids, attention_mask = g._left_pad([r.prompt_ids for r in requests])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=g.model.config)
+        logits = g._forward(input_ids, attention_mask, position_ids, cache, bridge_state,
+                            valid=attention_mask.bool())
+        if not self.rows:
+            self.rows, self.cache, self.bridge_state, self.logits = rows, cache, bridge_state, logits
+            self.attention_mask, self.position_ids = attention_mask, position_ids[:, -1:]
+            return
+        width = max(self.attention_mask.shape[1], attention_mask.shape[1])
+        _merge_caches(self.cache, cache, width)
+        self.attention_mask = torch.cat([_pad_left(self.attention_mask, width, dim=1),
+                                         _pad_left(attention_mask, width, dim=1)])
+        self.position_ids = torch.cat([self.position_ids, position_ids[:, -1:]])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+        # A batch of base-model rows has no bridge state; give the side without one a
+        # state whose rows are switched off, so both can join.
+        if self.bridge_state is None and bridge_state is not None:
+            self.bridge_state = self._switched_off(len(self.rows) - len(rows), bridge_state)
+        elif self.bridge_state is not None and bridge_state is None:
+            bridge_state = self._switched_off(len(rows), self.bridge_state)
+        if self.bridge_state is not None:
+            self.bridge_state.extend(bridge_state)
+
+    def _switched_off(self, count: int, like: BridgeState) -> BridgeState:
+        bridge = self.generator.handle.bridge
+        state = BridgeState(bridge, like.sessions.new_zeros((count, like.sessions.shape[1])), [0] * count,
+                            row_enabled=[False] * count)
+        state.cache = bridge.cell.empty_cache(count, device=like.cache[0].device, dtype=like.cache[0].dtype)
+        return state
+
+    @torch.inference_mode()
+    def step(self, should_cancel: Callable[[int], bool] | None = None) -> list[RowOutput]:
+        """Sample every row's next token; return the outputs with text or a finish reason."""
+        g = self.generator
+        outputs: list[RowOutput] = []
+        next_tokens: list[int] = []
+        keep: list[int] = []
+        for position, row in enumerate(self.rows):
+            output = g._advance(row, self.logits[position], should_cancel)
+            if output.finish_reason is not None:
+                if self.bridge_state is not None and output.finish_reason != "cancelled" \
+                        and row.request.session is not None:
+                    output.readout = self.bridge_state.readout()[position].cpu().numpy().astype(np.float32)
+            else:
+                keep.append(position)
+                next_tokens.append(row.generated[-1])
+            if output.text or output.finish_reason is not None:
+                outputs.append(output)
+        if not keep:
+            self.__init__(g)
+            return outputs
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=g.device)
+            self.cache.batch_select_indices(index)
+            self.attention_mask = self.attention_mask[index]
+            self.position_ids = self.position_ids[index]
+            if self.bridge_state is not None:
+                self.bridge_state.select(index)
+            self.rows = [self.rows[p] for p in keep]
+
+        step_ids = torch.tensor(next_tokens, device=g.device).unsqueeze(1)
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)
+        self.position_ids = self.position_ids + 1
+        self.logits = g._forward(step_ids, self.attention_mask, self.position_ids, self.cache, self.bridge_state,
+                                 valid=None)
+        return outputs
+
+    def abort(self) -> list[int]:
+        """Drop every row (after a failed forward call); return their indices."""
+        indices = [row.index for row in self.rows]
+        self.__init__(self.generator)
+        return indices
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge_caches(running: DynamicCache, joining: DynamicCache, width: int) -> None:
+    """Append the rows of `joining` to `running`, both left-padded to `width` positions."""
+    for target, source in zip(running.layers, joining.layers):
+        target.keys = torch.cat([_pad_left(target.keys, width, dim=-2), _pad_left(source.keys, width, dim=-2)])
+        target.values = torch.cat([_pad_left(target.values, width, dim=-2),
+                                   _pad_left(source.values, width, dim=-2)])
 
 
 class _null_context:

@@ -151,7 +151,9 @@ def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> st
         f"({data['conversations']['train']} / {data['conversations']['validation']} / "
         f"{data['conversations']['test']} conversations); windows of {data['config']['turns_per_window']} "
         f"turns, at most {data['config']['max_length']} tokens: {data['windows']['train']} train, "
-        f"{data['windows']['validation']} validation, {data['windows']['test']} test.",
+        f"{data['windows']['validation']} validation, {data['windows']['test']} test"
+        + (f"; SENAB's state losses also see {data['windows']['state']} more training windows "
+           "(no language-model loss on them)." if data["windows"].get("state") else "."),
         "",
         *rows,
         "",

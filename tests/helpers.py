@@ -179,3 +179,12 @@ def save_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def randomize_write_out(bridge, seed: int = 1) -> None:
+    """Give the zero-initialized write-out random weights, so the bridge changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (bridge.write_k, bridge.write_v):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.5)

@@ -158,3 +158,26 @@ def test_trajectory_survives_restart(server_env, tmp_path):
     assert len(points) == 1
     log = (tmp_path / "second.log").read_text()
     assert re.search(r"session state is kept in Redis at redis://", log)
+
+
+def test_served_valence_follows_the_scripted_conversation(server):
+    """The shipped bridge, served: valence falls on the hostile turn and recovers after it."""
+    from senab.evaluate import HOSTILE_TURN, SCRIPTED_CONVERSATION
+
+    client = client_for(server)
+    messages: list[dict[str, str]] = []
+    session_id = f"scripted-{uuid.uuid4().hex}"
+    points = []
+    for user, _ in SCRIPTED_CONVERSATION[:HOSTILE_TURN + 4]:
+        messages.append({"role": "user", "content": user})
+        reply = client.chat.completions.create(model=SENAB_MODEL, messages=messages, max_tokens=40,
+                                               extra_headers={"X-Session-Id": session_id})
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        points.append(reply.model_extra["senab"])
+
+    valence = [p["valence"] for p in points]
+    distance = [p["distance"] for p in points]
+    assert valence[HOSTILE_TURN] < valence[HOSTILE_TURN - 1], valence
+    assert max(valence[HOSTILE_TURN + 1:]) > valence[HOSTILE_TURN], valence
+    assert distance[HOSTILE_TURN] > distance[HOSTILE_TURN - 1], distance
+    assert min(distance[HOSTILE_TURN + 1:]) < distance[HOSTILE_TURN], distance

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app.deps import ServicesDep
 from app.errors import ServiceError, error_body
+from app.metrics import CONTENT_TYPE
 from app.protocol import ModelCard, ModelList
 
 router = APIRouter()
@@ -32,6 +33,12 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     except ServiceError as exc:
         return JSONResponse(error_body(exc.message, exc.error_type, None, exc.code), status_code=503)
     return JSONResponse({"status": "ready", "model": services.engine.served.name, "store": services.store.name})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(services: ServicesDep) -> Response:
+    """Serve the Prometheus metrics (text exposition format)."""
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models", response_model=ModelList)

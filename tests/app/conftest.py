@@ -75,8 +75,24 @@ def live_server(tiny_served, redis_url, redis_prefix) -> Iterator[LiveServer]:
         yield LiveServer(url=url, store=store, served=tiny_served, client=client)
     server.should_exit = True
     thread.join(10)
-    cleanup = redis.Redis.from_url(redis_url)
-    keys = list(cleanup.scan_iter(match=f"{redis_prefix}:*"))
+    delete_prefix(redis_url, redis_prefix)
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key a test server wrote under `prefix`."""
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
     if keys:
-        cleanup.delete(*keys)
-    cleanup.close()
+        client.delete(*keys)
+    client.close()
+
+
+def scrape_metrics(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics and return {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}

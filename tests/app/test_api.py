@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from senab.state import SessionRecord
-from tests.app.conftest import TINY
+from tests.app.conftest import TINY, scrape_metrics
 
 SENAB = f"{TINY}+senab"
 HELLO = [{"role": "user", "content": "Hello, world!"}]
@@ -452,3 +452,47 @@ def test_store_down_gives_503(tiny_served):
     assert_error(state, 503, "store_unavailable")
     assert "secretpw" not in chat.text
     assert health.status_code == 200
+
+
+def test_metrics_are_scraped(live_server):
+    before = scrape_metrics(live_server.client)
+    reply = live_server.chat(HELLO, max_tokens=5)
+    assert reply.status_code == 200, reply.text
+    missing = live_server.client.get("/sessions/no-such-session/state")
+    assert missing.status_code == 404
+    after = scrape_metrics(live_server.client)
+
+    def delta(name, **labels):
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    body = reply.json()
+    usage = body["usage"]
+    reason = body["choices"][0]["finish_reason"]
+    assert delta("senab:request_success_total", model=SENAB, finished_reason=reason) == 1
+    assert delta("senab:prompt_tokens_total", model=SENAB) == usage["prompt_tokens"]
+    assert delta("senab:generation_tokens_total", model=SENAB) == usage["completion_tokens"]
+    assert delta("senab:e2e_request_latency_seconds_count", model=SENAB) == 1
+    if body["choices"][0]["message"]["content"]:
+        assert delta("senab:time_to_first_token_seconds_count", model=SENAB) == 1
+    assert delta("senab:http_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert delta("senab:http_requests_total", endpoint="/sessions/{session_id}/state", status="404") == 1
+    assert delta("senab:store_operation_seconds_count", operation="load") >= 1
+    assert delta("senab:store_operation_seconds_count", operation="commit") == 1
+    assert delta("senab:batch_size_count") >= 1
+    assert after[("senab:num_requests_running", frozenset())] == 0
+    assert after[("senab:num_requests_waiting", frozenset())] == 0
+
+
+@pytest.mark.parametrize("path, label", [
+    ("/v1/chat/completions", "/v1/chat/completions"),
+    ("/sessions/abc", "/sessions/{session_id}"),
+    ("/sessions/abc/trajectory", "/sessions/{session_id}/trajectory"),
+    ("/sessions/abc/unknown", "other"),
+    ("/sessions/a/b/state", "other"),
+    ("/favicon.ico", "other"),
+])
+def test_metric_endpoint_labels_stay_few(path, label):
+    from app.metrics import endpoint_label
+
+    assert endpoint_label(path) == label

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -9,21 +10,13 @@ from senab.bridge import (
     Bridge, BridgeConfig, BridgeState, CheckpointError, UnsupportedArchitecture, attach_bridge,
     freeze_base_model, load_checkpoint, lora_parameter_count, new_checkpoint,
 )
-from senab.generation import GenerationRequest, Generator, SamplingParams
+from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
 from senab.prompt import build_prompt
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, randomize_write_out
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
-
-
-def randomize_write_out(bridge: Bridge, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in (bridge.write_k, bridge.write_v):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.5)
 
 
 @pytest.fixture
@@ -231,3 +224,63 @@ def test_checkpoint_damage_rejected(tmp_path, tiny, damage):
 
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         load_checkpoint(tmp_path)
+
+
+def run_staggered(generator, requests, joins):
+    """Decode `requests` in one DecodeBatch, request i joining before step joins[i]."""
+    batch = DecodeBatch(generator)
+    results = {i: [] for i in range(len(requests))}
+    finished = {}
+    step = 0
+    while len(finished) < len(requests):
+        joining = [i for i, at in enumerate(joins) if at == step]
+        if joining:
+            batch.add([requests[i] for i in joining], joining)
+        if batch:
+            for output in batch.step():
+                results[output.index].append(output.text)
+                if output.finish_reason is not None:
+                    finished[output.index] = output
+        step += 1
+    return finished
+
+
+def test_staggered_joins_decode_as_alone(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    generator = Generator(model, tokenizer, handle)
+    requests = [
+        GenerationRequest(prompt_ids(tokenizer, "What is the capital of France?"), GREEDY, session=session(1)),
+        GenerationRequest(prompt_ids(tokenizer, "Hi"), GREEDY, session=session(2)),
+        GenerationRequest(prompt_ids(tokenizer, "Tell me a long story about the sea and the wind"), GREEDY),
+        GenerationRequest(prompt_ids(tokenizer, "Hello, world!"), dataclasses.replace(GREEDY, max_tokens=3),
+                          session=session(3)),
+    ]
+    alone = [generator.generate([request])[0] for request in requests]
+
+    # Joining at different steps, one at a time and two at once, into a batch whose rows
+    # have longer or shorter histories; the short row leaves while others keep going.
+    for joins in ([0, 3, 5, 5], [4, 0, 1, 2], [0, 0, 0, 0]):
+        together = run_staggered(generator, requests, joins)
+        for i, single in enumerate(alone):
+            assert together[i].token_ids == single.token_ids, (joins, i)
+            assert together[i].finish_reason == single.finish_reason
+            if single.readout is None:
+                assert together[i].readout is None
+            else:
+                np.testing.assert_allclose(together[i].readout, single.readout, atol=1e-5)
+
+
+def test_base_rows_join_bridged_batch_unchanged(tiny):
+    model, tokenizer, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    base_prompt = prompt_ids(tokenizer, "Hello, world!")
+    base = Generator(model, tokenizer).generate([GenerationRequest(base_prompt, GREEDY)])[0]
+    generator = Generator(model, tokenizer, handle)
+    bridged = GenerationRequest(prompt_ids(tokenizer, "Hi there"), GREEDY, session=session(7))
+
+    for joins in ([0, 2], [2, 0]):
+        together = run_staggered(generator, [GenerationRequest(base_prompt, GREEDY), bridged], joins)
+        assert together[0].token_ids == base.token_ids
+        assert together[0].readout is None
+        assert together[1].token_ids == generator.generate([bridged])[0].token_ids

@@ -1,0 +1,87 @@
+"""Continuous batching through the HTTP server: concurrent requests share decode steps,
+give the replies they give alone, and a full queue answers 429."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.engine import ServedModel
+from app.main import create_app
+from app.store import RedisStateStore
+from senab.bridge import new_checkpoint
+from tests.app.conftest import TINY, delete_prefix, run_server, scrape_metrics
+from tests.conftest import free_port
+from tests.helpers import make_tiny_llama, randomize_write_out
+
+SENAB = f"{TINY}+senab"
+PROMPTS = ["Hello, world!", "What is the capital of France?", "Hi", "Tell me about the sea and the wind",
+           "Numbers: 1 2 3", "Good morning to you"]
+
+
+@contextlib.contextmanager
+def serve(redis_url: str, *, step_delay_s: float, **settings) -> Iterator[httpx.Client]:
+    """A server on its own tiny model (write-out randomized, so sessions change replies) whose
+    forward passes each take at least `step_delay_s`, so concurrent requests overlap."""
+    model, tokenizer = make_tiny_llama(seed=0)
+    checkpoint = new_checkpoint(model.config, base_model=TINY)
+    randomize_write_out(checkpoint.bridge)
+    served = ServedModel(model=model, tokenizer=tokenizer, name=TINY, context_length=256, checkpoint=checkpoint)
+    model.register_forward_pre_hook(lambda *args: time.sleep(step_delay_s))
+    prefix = f"senab-test-{uuid.uuid4().hex}"
+    settings = Settings(default_temperature=0, max_tokens_default=24, max_tokens_cap=200, **settings)
+    app = create_app(settings, served=served, store=RedisStateStore(redis_url, prefix=prefix))
+    server, thread = run_server(app, free_port())
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.config.port}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        delete_prefix(redis_url, prefix)
+
+
+def ask(client: httpx.Client, i: int, session_prefix: str) -> httpx.Response:
+    model = SENAB if i % 2 == 0 else TINY
+    return client.post("/v1/chat/completions", headers={"X-Session-Id": f"{session_prefix}-{i}"},
+                       json={"model": model, "max_tokens": 24,
+                             "messages": [{"role": "user", "content": PROMPTS[i]}]})
+
+
+def test_concurrent_requests_share_steps_and_reply_as_alone(redis_url):
+    with serve(redis_url, step_delay_s=0.01, max_batch_size=8) as client:
+        alone = [ask(client, i, "alone") for i in range(len(PROMPTS))]
+        before = scrape_metrics(client)
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(lambda i: ask(client, i, "together"), range(len(PROMPTS))))
+        after = scrape_metrics(client)
+
+    for i, (single, batched) in enumerate(zip(alone, together)):
+        assert single.status_code == batched.status_code == 200, (single.text, batched.text)
+        assert batched.json()["choices"][0]["message"]["content"] == single.json()["choices"][0]["message"]["content"], i
+        if i % 2 == 0:
+            assert batched.json()["senab"]["distance"] == pytest.approx(single.json()["senab"]["distance"], abs=1e-4)
+    steps = after[("senab:batch_size_count", frozenset())] - before[("senab:batch_size_count", frozenset())]
+    alone_steps = after[("senab:batch_size_bucket", frozenset({("le", "1.0")}))] - \
+        before[("senab:batch_size_bucket", frozenset({("le", "1.0")}))]
+    assert alone_steps < steps, "no decode step had more than one sequence"
+
+
+def test_full_queue_answers_429_with_retry_after(redis_url):
+    with serve(redis_url, step_delay_s=0.05, max_batch_size=1, max_queue=1) as client:
+        with ThreadPoolExecutor(5) as pool:
+            replies = list(pool.map(lambda i: ask(client, i % len(PROMPTS), f"queue-{i}"), range(5)))
+
+    statuses = sorted(r.status_code for r in replies)
+    assert 200 in statuses and 429 in statuses, statuses
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["Retry-After"].isdigit()
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+

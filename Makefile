@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test pull train eval clean
+.PHONY: setup run test pull train eval bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ train: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/senab eval --run runs/smollm2 --out docs
+
+# DESIGN section 10's targets, each script printing the ratios it measured in one run;
+# results also go to bench/results/*.json.
+bench: $(STAMP)
+	@$(BIN)/senab models pull >/dev/null
+	@status=0; for script in store decode server; do $(BIN)/python bench/$$script.py || status=1; done; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -162,7 +162,7 @@ class Engine:
                 stopping = True
                 admitted = []
             if stopping and not batch:
-                self._refuse(admitted)
+                self._reject_all(admitted)
                 return
             admitted = [job for job in admitted if not job.cancelled.is_set()]
             if admitted:
@@ -209,12 +209,12 @@ class Engine:
             except queue.Empty:
                 break
             if job is None:
-                self._refuse(admitted)
+                self._reject_all(admitted)
                 return None
             admitted.append(job)
         return admitted
 
-    def _refuse(self, jobs: list[Job]) -> None:
+    def _reject_all(self, jobs: list[Job]) -> None:
         """Answer `jobs` and everything still queued with 503 (the engine is stopping)."""
         while True:
             try:

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# Bucket bounds in seconds. A CPU decode step of the default model takes 20-100 ms; a first
-# token waits for the prefill and the queue, so its buckets reach further.
+# Bucket bounds in seconds. A CPU decode step of the default model takes about 20-100 ms.
+# A first token also waits for the queue and the prefill, so its buckets reach further.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)

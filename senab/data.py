@@ -200,13 +200,13 @@ def pick_with_negatives(windows: Iterable[Window], count: int, negative_share: f
     Negative messages are rare in chitchat (about 9% of user turns score -0.3 or less), so a
     pool drawn in order would teach the valence probe little about them.
     """
-    wanted_negative = math.ceil(count * negative_share)
+    negative_target = math.ceil(count * negative_share)
     negative: list[Window] = []
     other: list[Window] = []
     for window in windows:
-        if len(negative) + len(other) >= count and len(negative) >= wanted_negative:
+        if len(negative) + len(other) >= count and len(negative) >= negative_target:
             break
-        if min(turn.valence for turn in window.turns) <= threshold and len(negative) < wanted_negative:
+        if min(turn.valence for turn in window.turns) <= threshold and len(negative) < negative_target:
             negative.append(window)
         elif len(other) < count:
             other.append(window)

@@ -1,0 +1,125 @@
+"""Decode speed of one sequence on the default model, as ratios measured in one run.
+
+- the bridge on (with a session) / the same loop with the bridge detached;
+- the incremental loop (KV cache + NCA cache) / the original method's full recompute
+  (the whole sequence through the model and the automaton for every new token);
+- the bare model's own loop (`model.generate`, greedy) as the reference for bench/server.py.
+
+Every loop decodes greedily for exactly the same number of new tokens (end-of-sequence
+ignored). Usage: python bench/decode.py [--tokens 128] [--recompute-tokens 256] [--dtype auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import check, hardware, print_table, print_targets, save  # noqa: E402
+from senab.bridge import BridgeState, attach_bridge, load_checkpoint, new_checkpoint  # noqa: E402
+from senab.generation import GenerationRequest, Generator, SamplingParams  # noqa: E402
+from senab.models import load_model  # noqa: E402
+from senab.prompt import build_prompt  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+WEIGHTS = Path(__file__).resolve().parents[1] / "senab" / "weights"
+
+
+def generator_tokens_per_s(generator: Generator, request: GenerationRequest) -> float:
+    started = time.perf_counter()
+    result = generator.generate([request])[0]
+    elapsed = time.perf_counter() - started
+    assert result.completion_tokens == request.params.max_tokens, result.completion_tokens
+    return result.completion_tokens / elapsed
+
+
+@torch.inference_mode()
+def bare_tokens_per_s(model, prompt_ids: list[int], tokens: int) -> float:
+    input_ids = torch.tensor([prompt_ids])
+    started = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] - len(prompt_ids) == tokens
+    return tokens / elapsed
+
+
+@torch.inference_mode()
+def recompute_tokens_per_s(model, handle, session: torch.Tensor, prompt_ids: list[int], turn_start: int,
+                           tokens: int) -> float:
+    """The original method: every new token runs the whole sequence, lattice included."""
+    ids = list(prompt_ids)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        state = BridgeState(handle.bridge, session.unsqueeze(0), [turn_start])
+        with handle.activate(state):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return tokens / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per loop (default 128)")
+    parser.add_argument("--recompute-tokens", type=int, default=256, help="new tokens for the recompute ratio")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each loop (default 3)")
+    parser.add_argument("--dtype", default="auto", help="model dtype (default auto, as the server)")
+    args = parser.parse_args(argv)
+
+    loaded = load_model(None, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    shipped = WEIGHTS / loaded.name
+    checkpoint = load_checkpoint(shipped) if (shipped / "manifest.json").exists() else new_checkpoint(model.config)
+    checkpoint.bridge.to(dtype=torch.float32)
+    prompt = build_prompt(tokenizer, [("user", PROMPT)])
+    session = checkpoint.bridge.set_point.detach().float()
+    print(f"model {loaded.name} ({loaded.dtype}), bridge {checkpoint.checkpoint_id}; {hardware()}")
+
+    def request(tokens: int, with_session: bool) -> GenerationRequest:
+        return GenerationRequest(prompt.ids, SamplingParams(max_tokens=tokens, temperature=0),
+                                 session=session.numpy() if with_session else None, turn_start=prompt.turn_start)
+
+    # Warm-up: allocator and kernels, both paths.
+    Generator(model, tokenizer, eos_token_ids=set()).generate([request(8, False)])
+    without, with_bridge, bare = [], [], []
+    for _ in range(args.repeats):
+        bare.append(bare_tokens_per_s(model, prompt.ids, args.tokens))
+        without.append(generator_tokens_per_s(Generator(model, tokenizer, eos_token_ids=set()),
+                                              request(args.tokens, False)))
+        handle = attach_bridge(model, checkpoint.bridge)
+        with_bridge.append(generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
+                                                  request(args.tokens, True)))
+        handle.detach()
+
+    handle = attach_bridge(model, checkpoint.bridge)
+    incremental = generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
+                                         request(args.recompute_tokens, True))
+    recompute = recompute_tokens_per_s(model, handle, session, prompt.ids, prompt.turn_start, args.recompute_tokens)
+    handle.detach()
+
+    rows = [
+        ["bare model.generate", args.tokens, float(np.median(bare))],
+        ["senab loop, bridge detached", args.tokens, float(np.median(without))],
+        ["senab loop, bridge on", args.tokens, float(np.median(with_bridge))],
+        ["senab loop, bridge on", args.recompute_tokens, incremental],
+        ["full recompute per token (original)", args.recompute_tokens, recompute],
+    ]
+    print_table("decode tokens/s, one sequence (median of repeats)", ["loop", "new tokens", "tokens/s"], rows)
+    targets = [
+        check("bridge on / bridge detached", float(np.median(with_bridge) / np.median(without)), 0.95),
+        check(f"incremental / full recompute, {args.recompute_tokens} tokens", incremental / recompute, 8.0),
+    ]
+    met = print_targets(targets)
+    save("decode", {"command": "python bench/decode.py " + " ".join(argv or sys.argv[1:]), "dtype": str(loaded.dtype),
+                    "rows": rows, "bare_tokens_per_s": float(np.median(bare)), "targets": targets})
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

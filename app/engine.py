@@ -215,7 +215,7 @@ class Engine:
         return admitted
 
     def _reject_all(self, jobs: list[Job]) -> None:
-        """Answer `jobs` and everything still queued with 503 (the engine is stopping)."""
+        """Reject `jobs` and everything still queued with 503, because the engine is stopping."""
         while True:
             try:
                 job = self._queue.get_nowait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -13,17 +12,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def hardware() -> str:
-    import torch
+    from senab.evaluate import hardware_description
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {torch.get_num_threads()} torch threads; torch {torch.__version__}"
+    return hardware_description()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -340,6 +340,7 @@ class DecodeBatch:
         for i, request in zip(indices, requests):
             if not request.prompt_ids:
                 raise ValueError(f"request {i} has an empty prompt")
+
         rows = [_Row(i, r, g.tokenizer) for i, r in zip(indices, requests)]
         bridge_state = g._bridge_state(requests)
         input_ids, attention_mask = g._left_pad([r.prompt_ids for r in requests])
@@ -351,6 +352,7 @@ class DecodeBatch:
             self.rows, self.cache, self.bridge_state, self.logits = rows, cache, bridge_state, logits
             self.attention_mask, self.position_ids = attention_mask, position_ids[:, -1:]
             return
+
         width = max(self.attention_mask.shape[1], attention_mask.shape[1])
         _merge_caches(self.cache, cache, width)
         self.attention_mask = torch.cat([_pad_left(self.attention_mask, width, dim=1),

@@ -13,7 +13,7 @@ message, plus `arousal_weight` times the squared error between ||s_{k+1} - s*|| 
 to the (detached) readouts. Gradients flow through the whole window (T turns). The lower
 layers run once per window and are cached for later epochs (`senab.stack`). With
 `state_batch` > 0, each step also runs the state chain alone (no language-model loss) on
-windows from a separate pool, so the probe sees more labelled turns at little cost.
+windows from a separate pool, so the probe trains on more labelled turns at little cost.
 
 The baselines train on the same windows, steps, batch size and sequence length with a plain
 forward pass whose labels are the same reply tokens.
@@ -63,7 +63,7 @@ class TrainConfig:
     set_point_weight: float = 1.0
     # Makes the distance ||s - s*|| after a turn track the intensity |VADER| of its user
     # message, reaching `arousal_distance` at |VADER| = 1: ordinary turns leave the state
-    # near rest, so a provocation stands out and the distance can relax back.
+    # near rest, so a provocation is far from it and the distance can relax back.
     arousal_weight: float = 3.0
     arousal_distance: float = 2.0
     # Turns per window whose replies carry the language-model loss, counted from the last;
@@ -174,8 +174,8 @@ def turn_readout(bridge, hidden: torch.Tensor, state: torch.Tensor, user_start: 
 
     This is the lattice the read-in hook grows during the turn's forward pass, computed
     without the decoder layers: it depends only on the cached input of layer L-m and the state.
-    A lattice row sees at most `receptive_field` rows back, so the growth starts there
-    instead of at position 0: the result is the same and a turn costs its own length.
+    A lattice row depends on at most `receptive_field` earlier rows, so the growth starts
+    there instead of at position 0. The result is the same, and a turn costs its own length.
     """
     start = max(0, user_start - bridge.cell.config.receptive_field)
     x0 = bridge.seed_lattice(hidden[:, start:end], state.unsqueeze(0))

@@ -1,5 +1,5 @@
 """Continuous batching through the HTTP server: concurrent requests share decode steps,
-give the replies they give alone, and a full queue answers 429."""
+return the replies they return alone, and a full queue rejects requests with 429."""
 
 from __future__ import annotations
 
@@ -80,8 +80,9 @@ def test_full_queue_answers_429_with_retry_after(redis_url):
             replies = list(pool.map(lambda i: ask(client, i % len(PROMPTS), f"queue-{i}"), range(5)))
 
     statuses = sorted(r.status_code for r in replies)
-    assert 200 in statuses and 429 in statuses, statuses
-    refused = next(r for r in replies if r.status_code == 429)
-    assert refused.headers["Retry-After"].isdigit()
-    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 200 in statuses, statuses
+    assert 429 in statuses, statuses
+    rejected = next(r for r in replies if r.status_code == 429)
+    assert rejected.headers["Retry-After"].isdigit()
+    assert rejected.json()["error"]["code"] == "rate_limit_exceeded"
 

@@ -258,8 +258,8 @@ def test_staggered_joins_decode_as_alone(tiny):
     ]
     alone = [generator.generate([request])[0] for request in requests]
 
-    # Joining at different steps, one at a time and two at once, into a batch whose rows
-    # have longer or shorter histories; the short row leaves while others keep going.
+    # Rows join at different steps, one at a time and two at once, into a batch whose rows
+    # have longer or shorter histories. The short row leaves while the others keep going.
     for joins in ([0, 3, 5, 5], [4, 0, 1, 2], [0, 0, 0, 0]):
         together = run_staggered(generator, requests, joins)
         for i, single in enumerate(alone):

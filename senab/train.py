@@ -237,10 +237,10 @@ def senab_window_pass(model, handle, checkpoint: Checkpoint, probe: nn.Linear, w
     for k in range(len(window.turns) - count, len(window.turns)):
         turn = window.turns[k]
         bridge_state = BridgeState(checkpoint.bridge, result.states_before[k].unsqueeze(0), [turn.user_start])
-        with handle.activate(bridge_state):
-            final = upper_hidden(model, hidden[:, :turn.reply_end], first)
         positions = torch.arange(turn.reply_start - 1, turn.reply_end - 1, device=hidden.device)
-        logits = token_logits(model, final, positions).float()
+        with handle.activate(bridge_state):
+            final = upper_hidden(model, hidden[:, :turn.reply_end], first, rows=positions)
+        logits = token_logits(model, final).float()
         loss_sum = loss_sum + F.cross_entropy(logits, ids[positions + 1], reduction="sum")
         tokens += len(positions)
     result.lm_loss = loss_sum / max(tokens, 1)

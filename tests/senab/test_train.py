@@ -94,6 +94,36 @@ def test_turn_readout_matches_bridge_hook():
     torch.testing.assert_close(readout, expected, atol=1e-6, rtol=0)
 
 
+def test_last_layer_at_loss_positions_equals_full_pass():
+    # The training pass runs the last layer only where the loss is taken; outputs and the
+    # bridge's gradients must equal those of the full pass at those positions.
+    model, _ = make_tiny_llama(seed=1)
+    checkpoint = new_checkpoint(model.config)
+    torch.manual_seed(0)
+    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    handle = attach_bridge(model, checkpoint.bridge)
+    first = checkpoint.bridge.config.first_layer
+    hidden = lower_hidden(model, torch.randint(0, 40, (30,)).tolist(), first)
+    rows = torch.tensor([3, 17, 18, 19, 29])
+
+    def run(subset):
+        checkpoint.bridge.zero_grad()
+        state = BridgeState(checkpoint.bridge, torch.randn(1, 32, generator=torch.Generator().manual_seed(2)), [10])
+        with handle.activate(state):
+            out = upper_hidden(model, hidden, first, rows=rows) if subset else upper_hidden(model, hidden, first)[:, rows]
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in checkpoint.bridge.parameters() if p.grad is not None]
+
+    full, full_grads = run(subset=False)
+    part, part_grads = run(subset=True)
+    assert part.shape == (1, len(rows), model.config.hidden_size)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    assert len(part_grads) == len(full_grads) > 0
+    for a, b in zip(part_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     from senab.experiment import prepare_data
 

@@ -38,7 +38,7 @@ eval: $(STAMP)
 # results also go to bench/results/*.json.
 bench: $(STAMP)
 	@$(BIN)/senab models pull >/dev/null
-	@status=0; for script in store decode server; do $(BIN)/python bench/$$script.py || status=1; done; exit $$status
+	@status=0; for script in store decode server load; do $(BIN)/python bench/$$script.py || status=1; done; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -11,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every setting comes from a `SENAB_*` environment variable (or `REDIS_URL`)."""
 
-    model_config = SettingsConfigDict(env_prefix="SENAB_", extra="ignore", populate_by_name=True)
+    # Inputs stay out of validation errors: they may hold API keys or the Redis password.
+    model_config = SettingsConfigDict(env_prefix="SENAB_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
@@ -44,6 +48,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")
     request_timeout_s: float = Field(600.0, gt=0, description="Maximum time one completion may run, seconds.")
     log_level: str = Field("INFO", description="Python logging level.")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys; unset serves without authentication. An entry "
+                          "`name:key` keeps the key's sessions under the tenant `name`, so a rotated key can "
+                          "keep them; a bare key gets a tenant derived from its hash.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Largest prompt accepted, in tokens; unset allows up to the model's context.")
 
     @field_validator("log_level")
     @classmethod
@@ -52,6 +62,17 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"SENAB_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_api_keys(value.get_secret_value())
+        return value
+
+    def api_key_tenants(self) -> list[tuple[str, bytes]]:
+        """Return (tenant, SHA-256 of the key) for every configured key; empty without keys."""
+        return parse_api_keys(self.api_keys.get_secret_value()) if self.api_keys else []
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
@@ -63,10 +84,37 @@ class Settings(BaseSettings):
         return self
 
     def redacted(self) -> dict[str, object]:
-        """Return the settings for the startup log, with the Redis password hidden."""
+        """Return the settings for the startup log, with the Redis password and API keys hidden."""
         values = self.model_dump()
         values["redis_url"] = redact_url(self.redis_url.get_secret_value()) if self.redis_url else None
+        values["api_keys"] = f"{len(self.api_key_tenants())} key(s)" if self.api_keys else None
         return values
+
+
+_TENANT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_api_keys(value: str) -> list[tuple[str, bytes]]:
+    """Parse SENAB_API_KEYS into (tenant, SHA-256 of the key) pairs; errors never echo a key."""
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError("SENAB_API_KEYS is set but holds no key; unset it to serve without authentication")
+    tenants: list[tuple[str, bytes]] = []
+    for position, entry in enumerate(entries, 1):
+        name, separator, key = entry.partition(":")
+        if not separator:
+            name, key = "", entry
+        if len(key) < 16 or any(c.isspace() for c in key):
+            raise ValueError(f"SENAB_API_KEYS entry {position} has a key shorter than 16 characters or with "
+                             "spaces; use long random keys, e.g. `openssl rand -hex 24`")
+        digest = hashlib.sha256(key.encode()).digest()
+        if separator and not _TENANT_NAME_RE.fullmatch(name):
+            raise ValueError(f"SENAB_API_KEYS entry {position} names the tenant {name!r}; a tenant name has "
+                             "1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+        tenants.append((name or "key-" + digest.hex()[:24], digest))
+    if len({digest for _, digest in tenants}) != len(tenants):
+        raise ValueError("SENAB_API_KEYS lists the same key twice")
+    return tenants
 
 
 def redact_url(url: str) -> str:

@@ -78,6 +78,14 @@ class StateInvalid(ServiceError):
     code = "state_invalid"
 
 
+class IdempotencyKeyReused(ServiceError):
+    """An Idempotency-Key came back with a different conversation than its first use."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -145,9 +145,12 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
             chat=ChatService(engine, session_service, max_tokens_default=settings.max_tokens_default,
                              max_tokens_cap=settings.max_tokens_cap, request_timeout_s=settings.request_timeout_s,
                              default_temperature=settings.default_temperature,
-                             default_top_p=settings.default_top_p, metrics=metrics),
-            metrics=metrics,
+                             default_top_p=settings.default_top_p,
+                             max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics),
+            metrics=metrics, api_keys=settings.api_key_tenants(),
         )
+        if not app.state.services.api_keys:
+            logger.info("SENAB_API_KEYS is unset: requests need no API key and share one tenant")
         logger.info("serving %s and %s on %s (%s), bridge checkpoint %s, %d trainable bridge parameters; "
                     "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype,
                     model.checkpoint.checkpoint_id, model.checkpoint.bridge.num_parameters(),

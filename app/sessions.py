@@ -3,12 +3,14 @@
 Records are decoded against the served checkpoint, so a record written under another
 checkpoint, or a corrupt one, is rejected (409 `state_invalid`) instead of being used.
 Commits are compare-and-set: a commit that finds a newer version re-reads the record and
-applies the homeostasis update to it, at most `max_commit_attempts` times.
+applies the homeostasis update to it, at most `max_commit_attempts` times. A turn sent with
+an idempotency key stores its reply with the commit, so a retry can return it unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -26,11 +28,41 @@ from senab.state import MAX_TURN, Affect, RecordError, SessionRecord, Trajectory
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StoredReply:
+    """A committed turn's reply as a retry returns it."""
+
+    turn: int
+    digest: str  # hex conversation digest of the request that produced it
+    reply: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    affect: Affect  # after the turn
+
+    @classmethod
+    def from_record(cls, record: SessionRecord, affect: Affect) -> StoredReply:
+        return cls(turn=record.turn, digest=record.last_digest.hex(), reply=record.last_reply,
+                   finish_reason=record.last_finish_reason or "stop", prompt_tokens=record.last_prompt_tokens,
+                   completion_tokens=record.last_completion_tokens, affect=affect)
+
+    def encode(self) -> bytes:
+        fields = {k: v for k, v in self.__dict__.items() if k != "affect"}
+        return json.dumps({**fields, "affect": self.affect.__dict__}, ensure_ascii=False).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> StoredReply:
+        fields = json.loads(data)
+        return cls(**{**fields, "affect": Affect(**fields["affect"])})
+
+
 @dataclass
 class LoadedSession:
     session_id: str
     record: SessionRecord
     version: int  # 0 when the session is not stored yet
+    # The reply committed earlier under the idempotency id given to `load`, if any.
+    idempotent: StoredReply | None = None
 
 
 class SessionService:
@@ -70,19 +102,31 @@ class SessionService:
                 param="session_id",
             ) from None
 
-    async def load(self, tenant: str, session_id: str) -> LoadedSession | None:
+    async def load(self, tenant: str, session_id: str, *,
+                   idempotency_id: str | None = None) -> LoadedSession | None:
         with self.metrics.time_store("load"):
-            stored = await self.store.load(tenant, session_id)
+            stored = await self.store.load(tenant, session_id, idempotency_id=idempotency_id)
         if stored is None:
             return None
-        return LoadedSession(session_id, self._decode(session_id, stored), stored.version)
+        idempotent = None
+        if stored.idempotent_reply is not None:
+            try:
+                idempotent = StoredReply.decode(stored.idempotent_reply)
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning("session %s has an unreadable stored reply: %s", session_id, exc)
+                raise StateInvalid(
+                    f"The reply stored for this Idempotency-Key on session '{session_id}' cannot be read. "
+                    f"Retry with a new key, or POST /sessions/{session_id}/reset.", param="Idempotency-Key",
+                ) from None
+        return LoadedSession(session_id, self._decode(session_id, stored), stored.version, idempotent)
 
     def start(self, session_id: str) -> LoadedSession:
         """Return a session at the set-point that is not stored yet (version 0)."""
         return LoadedSession(session_id, SessionRecord.start(self.checkpoint.checkpoint_id, self.set_point), 0)
 
-    async def load_or_start(self, tenant: str, session_id: str) -> LoadedSession:
-        loaded = await self.load(tenant, session_id)
+    async def load_or_start(self, tenant: str, session_id: str, *,
+                            idempotency_id: str | None = None) -> LoadedSession:
+        loaded = await self.load(tenant, session_id, idempotency_id=idempotency_id)
         return self.start(session_id) if loaded is None else loaded
 
     async def require(self, tenant: str, session_id: str) -> LoadedSession:
@@ -93,12 +137,16 @@ class SessionService:
 
     async def commit_turn(self, tenant: str, session: LoadedSession, *, readout: np.ndarray, digest: bytes,
                           reply: str, finish_reason: str, prompt_tokens: int,
-                          completion_tokens: int) -> SessionRecord:
-        """Apply one completed turn to the stored state and append its trajectory point."""
+                          completion_tokens: int, idempotency_id: str | None = None) -> SessionRecord:
+        """Apply one completed turn to the stored state and append its trajectory point.
+
+        With `idempotency_id`, the reply is stored under it in the same atomic commit.
+        """
         current = session
         for attempt in range(1, self.max_commit_attempts + 1):
             record = current.record
-            if attempt > 1 and record.turn > 0 and record.last_digest == digest:
+            if attempt > 1 and (current.idempotent is not None
+                                or (record.turn > 0 and record.last_digest == digest)):
                 # Another replica committed this same request while it ran here: a retry
                 # must not advance the state twice.
                 logger.info("session %s: turn %d was committed concurrently by another request; not applying "
@@ -115,15 +163,20 @@ class SessionService:
                 last_prompt_tokens=prompt_tokens, last_completion_tokens=completion_tokens,
             )
             point = TrajectoryPoint(turn=new.turn, time=now, affect=self.affect(state), state=state)
+            idempotent = None
+            if idempotency_id is not None:
+                stored = StoredReply.from_record(new, point.affect)
+                idempotent = (idempotency_id, stored.encode())
             try:
                 with self.metrics.time_store("commit", expected=(StateConflict,)):
                     await self.store.commit(tenant, session.session_id, expected_version=current.version,
-                                            record=new.encode(), point=point.encode(), turn=new.turn)
+                                            record=new.encode(), point=point.encode(), turn=new.turn,
+                                            idempotent=idempotent)
                 return new
             except StateConflict:
                 logger.info("session %s: commit conflict on attempt %d, re-reading the state",
                             session.session_id, attempt)
-                current = await self.load_or_start(tenant, session.session_id)
+                current = await self.load_or_start(tenant, session.session_id, idempotency_id=idempotency_id)
         raise StateConflict(
             f"Session '{session.session_id}' changed {self.max_commit_attempts} times while this turn was "
             "being committed; the turn was not saved. Retry the request.", param="session_id",

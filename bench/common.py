@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -61,3 +67,42 @@ def print_targets(rows: list[dict[str, object]]) -> bool:
     print_table("targets", ["measure", "value", "target", "status"],
                 [[r["measure"], r["value"], r["target"], "met" if r["met"] else "MISSED"] for r in rows])
     return all(r["met"] for r in rows)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start `senab serve` on 127.0.0.1:`port` with extra `env`; return once /readyz answers 200."""
+    log = open(log_path, "ab")
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"server not ready after 300 s; see {log_path}")
+
+
+def stop_server(process: subprocess.Popen, redis_url: str, prefix: str) -> None:
+    """Stop a server from `start_server` and delete the Redis keys it wrote under `prefix`."""
+    import redis
+
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -17,9 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -29,34 +26,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import check, hardware, percentile, print_table, print_targets, save  # noqa: E402
+from bench.common import (check, free_port, hardware, percentile, print_table, print_targets, save,  # noqa: E402
+                          start_server, stop_server)
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"server not ready after 300 s; see {log_path}")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -137,15 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [asyncio.run(run_level(url, model, n, args.tokens)) for n in levels]
         peak_mb = peak_rss_mb(server.pid)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-        import redis
-
-        client = redis.Redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        stop_server(server, args.redis_url, prefix)
     bare = bare_loop_tokens_per_s(args.dtype, args.tokens)
 
     single = next(r for r in results if r["streams"] == 1)

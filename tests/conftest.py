@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import pytest
@@ -46,11 +47,13 @@ def redis_replies(port: int) -> bool:
 
 @dataclass
 class RedisServer:
-    """A `redis-server` child process on 127.0.0.1 without persistence."""
+    """A `redis-server` child process on 127.0.0.1; with `data_dir`, an append-only file
+    there (fsync on every write) keeps the data across `stop` and `start`."""
 
     port: int
     process: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
+    data_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -64,8 +67,9 @@ class RedisServer:
                         "`apt-get install redis-server`) or start Redis on 127.0.0.1:6379.")
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
+            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no",
+             *(["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
+               if self.data_dir else ["--appendonly", "no"])],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:

@@ -160,6 +160,45 @@ def test_trajectory_survives_restart(server_env, tmp_path):
     assert re.search(r"session state is kept in Redis at redis://", log)
 
 
+def test_server_killed_mid_turn_leaves_the_previous_turn_intact(server_env, tmp_path, redis_url):
+    import asyncio
+
+    from app.store import RedisStateStore
+    from senab.state import SessionRecord
+
+    session_id = f"killed-{uuid.uuid4().hex}"
+    process = ServerProcess(server_env, tmp_path / "killed.log")
+    try:
+        client_for(process).chat.completions.create(
+            model=SENAB_MODEL, messages=[{"role": "user", "content": "Hi there!"}], max_tokens=8,
+            extra_headers={"X-Session-Id": session_id})
+        before = httpx.get(f"{process.url}/sessions/{session_id}/state").json()
+        body = {"model": SENAB_MODEL, "stream": True, "max_tokens": 200,
+                "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
+        with httpx.stream("POST", f"{process.url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"X-Session-Id": session_id}) as response:
+            chunks = response.iter_lines()
+            while "content" not in next(chunks):
+                pass
+            process.process.kill()  # SIGKILL: no shutdown handler runs
+            process.process.wait(10)
+    finally:
+        process.stop()
+
+    async def read():
+        store = RedisStateStore(redis_url, prefix=server_env["SENAB_REDIS_PREFIX"])
+        try:
+            return await store.load("default", session_id), await store.trajectory("default", session_id)
+        finally:
+            await store.close()
+
+    stored, points = asyncio.run(read())
+    record = SessionRecord.decode(stored.record, checkpoint_id=before["checkpoint"])
+    assert record.turn == before["turn"] == 1
+    assert record.state.tolist() == pytest.approx(before["state"], abs=1e-6)
+    assert [turn for turn, _ in points] == [1]
+
+
 def test_served_valence_follows_the_scripted_conversation(server):
     """The shipped bridge, served: valence falls on the hostile turn and recovers after it."""
     from senab.evaluate import HOSTILE_TURN, SCRIPTED_CONVERSATION

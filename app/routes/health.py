@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from app.deps import ServicesDep
+from app.deps import ServicesDep, get_tenant
 from app.errors import ServiceError, error_body
 from app.metrics import CONTENT_TYPE
 from app.protocol import ModelCard, ModelList
@@ -41,7 +41,7 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(get_tenant)])
 async def list_models(services: ServicesDep) -> ModelList:
     """List the base model and the same model with the SENAB bridge."""
     return ModelList(data=[ModelCard(id=name, created=_STARTED) for name in services.chat.model_names])

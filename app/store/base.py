@@ -1,9 +1,10 @@
 """The per-session state store contract shared by the Redis and in-process stores.
 
-A session is identified by `(tenant, session_id)` and has two parts: an opaque record with
-a version number, and a trajectory of `(turn, point)` pairs. Writers use optimistic
-concurrency: they load the record, then commit with the version they read, and a commit
-that finds another version raises `StateConflict` and writes nothing.
+A session is identified by `(tenant, session_id)` and has three parts: an opaque record
+with a version number, a trajectory of `(turn, point)` pairs, and the replies of its most
+recent turns that carried an idempotency key. Writers use optimistic concurrency: they
+load the record, then commit with the version they read, and a commit that finds another
+version raises `StateConflict` and writes nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from app.errors import StateConflict
 
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_TRAJECTORY_MAX = 1000
+# Replies kept per session for idempotent retries; a commit beyond this drops the oldest.
+IDEMPOTENT_REPLIES_MAX = 16
 
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IDEMPOTENCY_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class StoredSession:
 
     record: bytes
     version: int
+    # The reply stored under the idempotency id passed to `load`, if there is one.
+    idempotent_reply: bytes | None = None
 
 
 class StateStore(abc.ABC):
@@ -54,26 +60,35 @@ class StateStore(abc.ABC):
         self.trajectory_max = trajectory_max
 
     @abc.abstractmethod
-    async def load(self, tenant: str, session_id: str) -> StoredSession | None:
-        """Load a session and restart its idle TTL. Returns None if it does not exist."""
+    async def load(self, tenant: str, session_id: str, *,
+                   idempotency_id: str | None = None) -> StoredSession | None:
+        """Load a session and restart its idle TTL. Returns None if it does not exist.
+
+        With `idempotency_id`, the reply stored under that id (see `commit`) comes back in
+        `StoredSession.idempotent_reply`, read in the same atomic step as the record.
+        """
 
     @abc.abstractmethod
     async def commit(self, tenant: str, session_id: str, *, expected_version: int,
-                     record: bytes, point: bytes | None = None, turn: int | None = None) -> int:
+                     record: bytes, point: bytes | None = None, turn: int | None = None,
+                     idempotent: tuple[str, bytes] | None = None) -> int:
         """Replace the record if the stored version equals `expected_version`.
 
         `expected_version=0` means that the session must not exist yet. On success the
         record gets version `expected_version + 1`. If `point` is given, `(turn, point)` is
         appended to the trajectory and the oldest entries beyond `trajectory_max` are
-        dropped. Both parts get a fresh idle TTL. Returns the new version.
+        dropped. If `idempotent` is `(id, reply)`, the reply is stored under the id (which
+        needs `turn`) and the oldest stored replies beyond `IDEMPOTENT_REPLIES_MAX` are
+        dropped. Every part gets a fresh idle TTL. Returns the new version.
 
         Raises `StateConflict` without writing anything if the stored version differs, and
-        `ValueError` if `point` is given without `turn` or `expected_version` is negative.
+        `ValueError` if `point` or `idempotent` is given without `turn`, the id is not
+        1-64 lowercase hex digits, or `expected_version` is negative.
         """
 
     @abc.abstractmethod
     async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
-        """Replace the record unconditionally and clear the trajectory.
+        """Replace the record unconditionally and clear the trajectory and stored replies.
 
         The new version is the old version plus 1, or 1 if the session did not exist, so a
         commit based on a version read before the reset raises `StateConflict`.
@@ -82,7 +97,8 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, tenant: str, session_id: str) -> bool:
-        """Delete the record and the trajectory. Returns True if the session existed.
+        """Delete the record, the trajectory and the stored replies. Returns True if the
+        session existed.
 
         NOTE: the next commit with `expected_version=0` starts again at version 1, so a
         writer that read version N before the delete can succeed once the new session
@@ -117,11 +133,22 @@ class StateStore(abc.ABC):
                              "from A-Z, a-z, 0-9, '.', '_' and '-'")
 
     @staticmethod
-    def _check_commit_args(expected_version: int, point: bytes | None, turn: int | None) -> None:
+    def _check_idempotency_id(idempotency_id: str | None) -> None:
+        if idempotency_id is not None and (not isinstance(idempotency_id, str)
+                                           or not _IDEMPOTENCY_ID_RE.fullmatch(idempotency_id)):
+            raise ValueError(f"invalid idempotency id {idempotency_id!r}: expected 1-64 lowercase hex digits")
+
+    @classmethod
+    def _check_commit_args(cls, expected_version: int, point: bytes | None, turn: int | None,
+                           idempotent: tuple[str, bytes] | None = None) -> None:
         if expected_version < 0:
             raise ValueError(f"expected_version must be 0 or more, got {expected_version}")
         if point is not None and turn is None:
             raise ValueError("turn is missing: commit needs the turn number when point is given")
+        if idempotent is not None:
+            if turn is None:
+                raise ValueError("turn is missing: commit needs the turn number when idempotent is given")
+            cls._check_idempotency_id(idempotent[0])
 
     @staticmethod
     def _check_trajectory_args(limit: int | None) -> None:

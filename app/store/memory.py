@@ -10,7 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from app.store.base import DEFAULT_TRAJECTORY_MAX, DEFAULT_TTL_SECONDS, StateStore, StoredSession
+from app.store.base import (DEFAULT_TRAJECTORY_MAX, DEFAULT_TTL_SECONDS, IDEMPOTENT_REPLIES_MAX, StateStore,
+                            StoredSession)
 
 _SWEEP_INTERVAL_MAX_SECONDS = 60.0
 
@@ -21,6 +22,7 @@ class _Session:
     record: bytes
     expires_at: float
     trajectory: deque[tuple[int, bytes]] = field(default_factory=deque)
+    replies: dict[str, bytes] = field(default_factory=dict)  # idempotency id -> reply, oldest first
 
 
 class MemoryStateStore(StateStore):
@@ -42,20 +44,24 @@ class MemoryStateStore(StateStore):
         self._sweep_interval = min(float(ttl_seconds), _SWEEP_INTERVAL_MAX_SECONDS)
         self._next_sweep_at = time.monotonic() + self._sweep_interval
 
-    async def load(self, tenant: str, session_id: str) -> StoredSession | None:
+    async def load(self, tenant: str, session_id: str, *,
+                   idempotency_id: str | None = None) -> StoredSession | None:
         self._check_ids(tenant, session_id)
+        self._check_idempotency_id(idempotency_id)
         async with self._lock:
             now = time.monotonic()
             session = self._live_session((tenant, session_id), now)
             if session is None:
                 return None
             session.expires_at = now + self.ttl_seconds
-            return StoredSession(record=session.record, version=session.version)
+            reply = session.replies.get(idempotency_id) if idempotency_id is not None else None
+            return StoredSession(record=session.record, version=session.version, idempotent_reply=reply)
 
     async def commit(self, tenant: str, session_id: str, *, expected_version: int,
-                     record: bytes, point: bytes | None = None, turn: int | None = None) -> int:
+                     record: bytes, point: bytes | None = None, turn: int | None = None,
+                     idempotent: tuple[str, bytes] | None = None) -> int:
         self._check_ids(tenant, session_id)
-        self._check_commit_args(expected_version, point, turn)
+        self._check_commit_args(expected_version, point, turn, idempotent)
         async with self._lock:
             now = time.monotonic()
             self._sweep_if_due(now)
@@ -73,6 +79,11 @@ class MemoryStateStore(StateStore):
             session.record = bytes(record)
             if point is not None and turn is not None:
                 session.trajectory.append((turn, bytes(point)))
+            if idempotent is not None:
+                session.replies.pop(idempotent[0], None)
+                session.replies[idempotent[0]] = bytes(idempotent[1])
+                while len(session.replies) > IDEMPOTENT_REPLIES_MAX:
+                    del session.replies[next(iter(session.replies))]
             session.expires_at = now + self.ttl_seconds
             return session.version
 

@@ -5,9 +5,10 @@ Key layout for tenant T and session S under prefix P:
 - `P:{T:S}:state` is a hash with fields `v` (version, integer), `r` (record bytes) and
   `c` (id of the commit or reset that wrote it, for retried calls).
 - `P:{T:S}:trajectory` is a stream whose entries have fields `t` (turn) and `p` (point bytes).
+- `P:{T:S}:replies` is a hash from idempotency id to `<turn>\n<reply bytes>`.
 
-The braces are a Redis Cluster hash tag, so both keys of a session map to one slot and a
-single script or MULTI can touch both. Commits and resets are one Lua script each, so the
+The braces are a Redis Cluster hash tag, so the keys of a session map to one slot and a
+single script or MULTI can touch all of them. Commits and resets are one Lua script each, so the
 check, the writes and the TTL refresh happen atomically.
 """
 
@@ -27,7 +28,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import StateInvalid, StoreUnavailable
-from app.store.base import DEFAULT_TRAJECTORY_MAX, DEFAULT_TTL_SECONDS, StateStore, StoredSession
+from app.store.base import (DEFAULT_TRAJECTORY_MAX, DEFAULT_TTL_SECONDS, IDEMPOTENT_REPLIES_MAX, StateStore,
+                            StoredSession)
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,12 @@ HEALTH_CHECK_INTERVAL_SECONDS = 30
 RETRIES = 1
 _FAILURE_LOG_INTERVAL_SECONDS = 10.0
 
-# KEYS: state hash, trajectory stream.
+# KEYS: state hash, trajectory stream, replies hash.
 # ARGV: expected version, record, TTL in ms, commit id, "1" if a point is given, turn, point,
-# trajectory_max. Returns {1, new version}, {0, stored version} on a version mismatch, or
-# {-1, 0} when the keys hold something this server did not write (a non-numeric version or
-# a trajectory that is not a stream).
+# trajectory_max, idempotency id ("" for none), reply, replies max. Returns {1, new version},
+# {0, stored version} on a version mismatch, or {-1, 0} when the keys hold something this
+# server did not write (a non-numeric version, a trajectory that is not a stream, replies
+# that are not a hash).
 # A call whose commit id is already stored at expected version + 1 is a retry of a call
 # that was applied, so it returns success instead of a conflict.
 # Redis does not roll back a script that fails half-way, so every check comes first and
@@ -57,6 +60,8 @@ if stored[1] then
 end
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind ~= 'none' and kind ~= 'stream' then return {-1, 0} end
+kind = redis.call('TYPE', KEYS[3])['ok']
+if kind ~= 'none' and kind ~= 'hash' then return {-1, 0} end
 local expected = tonumber(ARGV[1])
 if current ~= expected then
   if current == expected + 1 and stored[2] == ARGV[4] then
@@ -65,19 +70,32 @@ if current ~= expected then
   return {0, current}
 end
 if current == 0 then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
 end
 if ARGV[5] == '1' then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[8], '*', 't', ARGV[6], 'p', ARGV[7])
 end
 local version = current + 1
 redis.call('HSET', KEYS[1], 'v', version, 'r', ARGV[2], 'c', ARGV[4])
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[9], ARGV[6] .. '\\n' .. ARGV[10])
+  while redis.call('HLEN', KEYS[3]) > tonumber(ARGV[11]) do
+    local entries = redis.call('HGETALL', KEYS[3])
+    local oldest, oldest_turn = nil, nil
+    for i = 1, #entries, 2 do
+      local turn = tonumber(string.match(entries[i + 1], '^(%d+)\\n')) or 0
+      if oldest_turn == nil or turn < oldest_turn then oldest, oldest_turn = entries[i], turn end
+    end
+    redis.call('HDEL', KEYS[3], oldest)
+  end
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {1, version}
 """
 
-# KEYS: state hash, trajectory stream. ARGV: record, TTL in ms, reset id.
+# KEYS: state hash, trajectory stream, replies hash. ARGV: record, TTL in ms, reset id.
 # Returns the new version, or the stored one if this reset id was already applied.
 _RESET_SCRIPT = """
 local stored = redis.call('HMGET', KEYS[1], 'v', 'c')
@@ -87,7 +105,7 @@ if stored[2] == ARGV[3] then
   return current
 end
 local version = current + 1
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'v', version, 'r', ARGV[1], 'c', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return version
@@ -143,16 +161,30 @@ class RedisStateStore(StateStore):
         self._check_ids(tenant, session_id)
         return f"{self.prefix}:{{{tenant}:{session_id}}}:trajectory"
 
-    async def load(self, tenant: str, session_id: str) -> StoredSession | None:
-        state_key = self.state_key(tenant, session_id)
-        trajectory_key = self.trajectory_key(tenant, session_id)
+    def replies_key(self, tenant: str, session_id: str) -> str:
+        """Name of the hash that contains the replies kept for idempotent retries."""
+        self._check_ids(tenant, session_id)
+        return f"{self.prefix}:{{{tenant}:{session_id}}}:replies"
+
+    def _keys(self, tenant: str, session_id: str) -> list[str]:
+        return [self.state_key(tenant, session_id), self.trajectory_key(tenant, session_id),
+                self.replies_key(tenant, session_id)]
+
+    async def load(self, tenant: str, session_id: str, *,
+                   idempotency_id: str | None = None) -> StoredSession | None:
+        self._check_idempotency_id(idempotency_id)
+        keys = self._keys(tenant, session_id)
         ttl_ms = self.ttl_seconds * 1000
         with self._translate_errors("load", session_id, write=False):
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(state_key)
-                pipe.pexpire(state_key, ttl_ms)
-                pipe.pexpire(trajectory_key, ttl_ms)
-                fields, _, _ = await pipe.execute()
+                pipe.hgetall(keys[0])
+                if idempotency_id is not None:
+                    pipe.hget(keys[2], idempotency_id)
+                for key in keys:
+                    pipe.pexpire(key, ttl_ms)
+                results = await pipe.execute()
+        fields = results[0]
+        stored_reply = results[1] if idempotency_id is not None else None
 
         if not fields:
             return None
@@ -162,16 +194,23 @@ class RedisStateStore(StateStore):
             version = int(fields[b"v"])
         except ValueError:
             raise self._invalid(session_id, "a version field that is not an integer") from None
-        return StoredSession(record=fields[b"r"], version=version)
+        reply = None
+        if stored_reply is not None:
+            _, separator, reply = stored_reply.partition(b"\n")
+            if not separator:
+                raise self._invalid(session_id, "a stored reply without its turn")
+        return StoredSession(record=fields[b"r"], version=version, idempotent_reply=reply)
 
     async def commit(self, tenant: str, session_id: str, *, expected_version: int,
-                     record: bytes, point: bytes | None = None, turn: int | None = None) -> int:
-        self._check_commit_args(expected_version, point, turn)
-        keys = [self.state_key(tenant, session_id), self.trajectory_key(tenant, session_id)]
+                     record: bytes, point: bytes | None = None, turn: int | None = None,
+                     idempotent: tuple[str, bytes] | None = None) -> int:
+        self._check_commit_args(expected_version, point, turn, idempotent)
+        keys = self._keys(tenant, session_id)
         has_point = point is not None
         args = [expected_version, record, self.ttl_seconds * 1000, uuid.uuid4().hex,
-                "1" if has_point else "0", turn if has_point else 0,
-                point if point is not None else b"", self.trajectory_max]
+                "1" if has_point else "0", turn if turn is not None else 0,
+                point if point is not None else b"", self.trajectory_max,
+                idempotent[0] if idempotent else "", idempotent[1] if idempotent else b"", IDEMPOTENT_REPLIES_MAX]
         with self._translate_errors("commit", session_id, write=True):
             applied, version = await self._commit_script(keys=keys, args=args)
 
@@ -182,20 +221,19 @@ class RedisStateStore(StateStore):
         return int(version)
 
     async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
-        keys = [self.state_key(tenant, session_id), self.trajectory_key(tenant, session_id)]
+        keys = self._keys(tenant, session_id)
         args = [record, self.ttl_seconds * 1000, uuid.uuid4().hex]
         with self._translate_errors("reset", session_id, write=True):
             version = await self._reset_script(keys=keys, args=args)
         return int(version)
 
     async def delete(self, tenant: str, session_id: str) -> bool:
-        state_key = self.state_key(tenant, session_id)
-        trajectory_key = self.trajectory_key(tenant, session_id)
+        keys = self._keys(tenant, session_id)
         with self._translate_errors("delete", session_id, write=True):
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(state_key)
-                pipe.delete(trajectory_key)
-                deleted_state, _ = await pipe.execute()
+                for key in keys:
+                    pipe.delete(key)
+                deleted_state, *_ = await pipe.execute()
         return bool(deleted_state)
 
     async def trajectory(self, tenant: str, session_id: str, *, since: int | None = None,

@@ -341,6 +341,59 @@ async def test_concurrent_commits_both_land(store: StateStore) -> None:
     assert conflicts == 1
 
 
+async def test_idempotent_reply_is_stored_with_the_commit(store: StateStore) -> None:
+    await store.commit(TENANT, SESSION, expected_version=0, record=b"r1", point=b"p1", turn=1,
+                       idempotent=("ab12", b"reply one"))
+
+    stored = await store.load(TENANT, SESSION, idempotency_id="ab12")
+    assert stored is not None and stored.idempotent_reply == b"reply one"
+    assert (await store.load(TENANT, SESSION, idempotency_id="cd34")).idempotent_reply is None
+    assert (await store.load(TENANT, SESSION)).idempotent_reply is None
+
+
+async def test_conflicting_commit_stores_no_reply(store: StateStore) -> None:
+    await commit_points(store, range(1, 2))
+    with pytest.raises(StateConflict):
+        await store.commit(TENANT, SESSION, expected_version=0, record=b"x", turn=1, idempotent=("ab", b"lost"))
+
+    assert (await store.load(TENANT, SESSION, idempotency_id="ab")).idempotent_reply is None
+
+
+async def test_only_the_newest_replies_are_kept(store: StateStore) -> None:
+    from app.store.base import IDEMPOTENT_REPLIES_MAX
+
+    version = 0
+    for turn in range(1, IDEMPOTENT_REPLIES_MAX + 3):
+        version = await store.commit(TENANT, SESSION, expected_version=version, record=b"r", turn=turn,
+                                     idempotent=(f"{turn:x}", f"reply {turn}".encode()))
+
+    kept = [turn for turn in range(1, IDEMPOTENT_REPLIES_MAX + 3)
+            if (await store.load(TENANT, SESSION, idempotency_id=f"{turn:x}")).idempotent_reply is not None]
+    assert kept == list(range(3, IDEMPOTENT_REPLIES_MAX + 3))
+
+
+@pytest.mark.parametrize("operation", ["reset", "delete"])
+async def test_reset_and_delete_forget_replies(store: StateStore, operation: str) -> None:
+    await store.commit(TENANT, SESSION, expected_version=0, record=b"r1", turn=1, idempotent=("ab", b"reply"))
+    if operation == "reset":
+        await store.reset(TENANT, SESSION, b"fresh")
+    else:
+        await store.delete(TENANT, SESSION)
+        await store.commit(TENANT, SESSION, expected_version=0, record=b"r1", turn=1)
+
+    assert (await store.load(TENANT, SESSION, idempotency_id="ab")).idempotent_reply is None
+
+
+@pytest.mark.parametrize("idempotency_id", ["", "AB", "x" * 65, "12 3", "g"])
+async def test_invalid_idempotency_id_raises(store: StateStore, idempotency_id: str) -> None:
+    with pytest.raises(ValueError, match="idempotency id"):
+        await store.load(TENANT, SESSION, idempotency_id=idempotency_id)
+    with pytest.raises(ValueError, match="idempotency id"):
+        await store.commit(TENANT, SESSION, expected_version=0, record=b"r", turn=1,
+                           idempotent=(idempotency_id, b"reply"))
+    assert await store.load(TENANT, SESSION) is None
+
+
 @pytest.mark.parametrize("session_id", ["a}b", "", "x" * 129, "a b", "a:b", "ä", "a\n"])
 async def test_invalid_session_id_raises(store: StateStore, session_id: str) -> None:
     with pytest.raises(ValueError):
@@ -395,6 +448,7 @@ def test_redis_key_layout() -> None:
 
     assert store.state_key("t", "s") == "p:{t:s}:state"
     assert store.trajectory_key("t", "s") == "p:{t:s}:trajectory"
+    assert store.replies_key("t", "s") == "p:{t:s}:replies"
 
 
 async def test_redis_commit_sets_ttl_on_both_keys(
@@ -415,8 +469,8 @@ async def test_redis_retried_commit_is_not_a_conflict(
         redis_url: str, redis_prefix: str) -> None:
     """A commit re-sent after its first attempt was applied returns success, not a conflict."""
     store = RedisStateStore(redis_url, prefix=redis_prefix)
-    keys = [store.state_key(TENANT, SESSION), store.trajectory_key(TENANT, SESSION)]
-    args = [0, b"record", 60_000, "commit-id-1", "1", 1, b"point", store.trajectory_max]
+    keys = store._keys(TENANT, SESSION)
+    args = [0, b"record", 60_000, "commit-id-1", "1", 1, b"point", store.trajectory_max, "", b"", 16]
     try:
         first = await store._commit_script(keys=keys, args=args)
         retried = await store._commit_script(keys=keys, args=args)

@@ -98,7 +98,7 @@ def parse_api_keys(value: str) -> list[tuple[str, bytes]]:
     """Parse SENAB_API_KEYS into (tenant, SHA-256 of the key) pairs; errors never echo a key."""
     entries = [entry.strip() for entry in value.split(",") if entry.strip()]
     if not entries:
-        raise ValueError("SENAB_API_KEYS is set but holds no key; unset it to serve without authentication")
+        raise ValueError("SENAB_API_KEYS is set but contains no key; unset it to serve without authentication")
     tenants: list[tuple[str, bytes]] = []
     for position, entry in enumerate(entries, 1):
         name, separator, key = entry.partition(":")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -16,6 +17,8 @@ from app.errors import Unauthorized
 from app.metrics import Metrics
 from app.sessions import SessionService
 from app.store import StateStore
+
+logger = logging.getLogger(__name__)
 
 # Sessions of callers without an API key share this tenant.
 DEFAULT_TENANT = "default"
@@ -48,6 +51,7 @@ def get_tenant(request: Request) -> str:
         return DEFAULT_TENANT
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        logger.info("request %s: rejected without a bearer API key", get_request_id(request))
         raise Unauthorized("This server needs an API key: send the header 'Authorization: Bearer <key>'.",
                            headers={"WWW-Authenticate": "Bearer"})
     digest = hashlib.sha256(token.strip().encode()).digest()
@@ -56,6 +60,7 @@ def get_tenant(request: Request) -> str:
         if hmac.compare_digest(digest, expected):
             tenant = name
     if tenant is None:
+        logger.info("request %s: rejected with an unknown API key", get_request_id(request))
         raise Unauthorized("The API key is not valid for this server.", headers={"WWW-Authenticate": "Bearer"})
     return tenant
 

@@ -118,7 +118,7 @@ def test_sensible_answer_and_two_turn_trajectory(server):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     trajectory = httpx.get(f"{server.url}/sessions/{session_id}/trajectory").json()
 
-    assert len(text) > 10
+    assert re.search(r"[A-Za-z]{3}", text), text  # replies in the chitchat style can be short ("1. Sleep")
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert chunks[-1].model_extra["senab"]["turn"] == 2
     assert [p["turn"] for p in trajectory["points"]] == [1, 2]

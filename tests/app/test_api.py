@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import openai
@@ -157,8 +158,6 @@ def test_base_model_turn_leaves_state(live_server):
 @pytest.fixture
 def slow_model(live_server):
     """Make each forward pass take 20 ms so a test can act while a reply is being decoded."""
-    import time
-
     handle = live_server.served.model.register_forward_pre_hook(lambda *args: time.sleep(0.02))
     yield
     handle.remove()
@@ -171,9 +170,16 @@ def test_disconnect_mid_stream_commits_nothing(live_server, slow_model):
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
 
+    # The cancelled row leaves the batch at the next decode step.
+    deadline = time.monotonic() + 10
+    while scrape_metrics(live_server.client)[("senab:num_requests_running", frozenset())] and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    running = scrape_metrics(live_server.client)[("senab:num_requests_running", frozenset())]
     follow_up = live_server.chat(HELLO, session_id="cut-session", max_tokens=4)
     points = live_server.client.get("/sessions/cut-session/trajectory").json()["points"]
 
+    assert running == 0
     assert follow_up.status_code == 200
     assert follow_up.json()["senab"]["turn"] == 1
     assert [p["turn"] for p in points] == [1]
@@ -242,6 +248,13 @@ BAD_REQUESTS = [
      "temperature"),
     ("top_p zero", {"model": SENAB, "messages": HELLO, "top_p": 0}, 400, "invalid_request", "top_p"),
     ("max_tokens zero", {"model": SENAB, "messages": HELLO, "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
+    ("max_tokens negative", {"model": SENAB, "messages": HELLO, "max_tokens": -5}, 400, "invalid_request",
+     "max_tokens"),
+    ("top_p above 1", {"model": SENAB, "messages": HELLO, "top_p": 1.5}, 400, "invalid_request", "top_p"),
+    ("content number", {"model": SENAB, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_request",
+     "messages.0.content"),
+    ("text part without text", {"model": SENAB, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     400, "invalid_request", "messages.0.content"),
     ("max_tokens over cap", {"model": SENAB, "messages": HELLO, "max_tokens": 201}, 400, "invalid_request",
      "max_tokens"),
     ("five stops", {"model": SENAB, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request",

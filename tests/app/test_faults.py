@@ -24,7 +24,7 @@ def chat(client: httpx.Client, content: str, **fields) -> httpx.Response:
 
 
 async def load_directly(url: str):
-    # Its own store: the server's store holds connections bound to the server's event loop.
+    # A store of its own: the server's store keeps connections bound to the server's event loop.
     store = RedisStateStore(url, prefix="faults")
     try:
         return await store.load("default", "fault-session")
@@ -71,14 +71,18 @@ def test_redis_stopped_mid_run_then_back(tiny_served, tmp_path):
 
     assert first.status_code == 200
     error = json.loads(events[-2].removeprefix("data: "))["error"]
-    assert error["code"] == "store_unavailable" and events[-1] == "data: [DONE]"
+    assert error["code"] == "store_unavailable"
+    assert events[-1] == "data: [DONE]"
     assert_error(down_chat, 503, "store_unavailable")
     assert_error(down_state, 503, "store_unavailable")
     assert down_ready.status_code == 503
     # The turn cut off by the outage left the first turn's record as it was.
     record = SessionRecord.decode(stored.record)
-    assert record.turn == before["turn"] == 1 and stored.version == 1
+    assert record.turn == before["turn"] == 1
+    assert stored.version == 1
     assert record.state.tolist() == before["state"]
     assert back_ready.status_code == 200
-    assert back_chat.status_code == 200 and back_chat.json()["senab"]["turn"] == 2
-    assert after["turn"] == 2 and [p["turn"] for p in points] == [1, 2]
+    assert back_chat.status_code == 200
+    assert back_chat.json()["senab"]["turn"] == 2
+    assert after["turn"] == 2
+    assert [p["turn"] for p in points] == [1, 2]

@@ -56,7 +56,7 @@ def chat(client: httpx.Client, content: str, *, session_id: str | None = None, k
     return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
-def test_twenty_concurrent_turns_on_one_session_commit_once_each(live_server):
+def test_twenty_concurrent_turns_commit_once(live_server):
     session_id = f"busy-{uuid.uuid4().hex}"
 
     async def send_all() -> list[httpx.Response]:
@@ -87,7 +87,7 @@ class AlwaysConflicting(MemoryStateStore):
         raise StateConflict("another writer committed first")
 
 
-def test_turn_that_cannot_commit_returns_409_and_changes_nothing(tiny_served):
+def test_commit_conflicts_give_409(tiny_served):
     store = AlwaysConflicting()
     with serve(tiny_served, store) as client:
         response = chat(client, "hello", session_id="contested")
@@ -132,7 +132,7 @@ def _stream_texts(body: str) -> Iterator[str]:
                 yield choice["delta"].get("content") or ""
 
 
-def test_idempotency_key_without_session_id_reaches_the_same_session(live_server):
+def test_idempotency_key_without_session_id(live_server):
     key = str(uuid.uuid4())
     first = chat(live_server.client, "hi", idempotency_key=key)
     retried = chat(live_server.client, "hi", idempotency_key=key)
@@ -182,18 +182,21 @@ def test_api_keys_namespace_sessions(tiny_served, redis_url, caplog):
         assert_error(response, 401, "invalid_api_key")
         assert response.headers["WWW-Authenticate"] == "Bearer"
     assert health.status_code == 200
-    assert created.status_code == 200 and own.status_code == 200
+    assert created.status_code == 200
+    assert own.status_code == 200
     assert_error(other_state, 404, "session_not_found")
     assert_error(other_trajectory, 404, "session_not_found")
     assert_error(other_delete, 404, "session_not_found")
     assert other_chat.json()["senab"]["turn"] == 1  # a session of its own under the same name
     assert own_after.json()["turn"] == 1
-    assert len(server_id) == 32 and int(server_id, 16) >= 0
-    assert key_a not in caplog.text and key_b not in caplog.text
+    assert len(server_id) == 32
+    assert int(server_id, 16) >= 0
+    assert key_a not in caplog.text
+    assert key_b not in caplog.text
 
 
 @pytest.mark.parametrize("value, message", [
-    ("", "holds no key"), ("short", "shorter than 16"), ("bad name!:" + "k" * 20, "names the tenant"),
+    ("", "contains no key"), ("short", "shorter than 16"), ("bad name!:" + "k" * 20, "names the tenant"),
     ("k" * 20 + "," + "k" * 20, "same key twice"),
 ])
 def test_api_keys_setting_is_checked(value, message):
@@ -227,11 +230,7 @@ def test_bad_requests_leave_stored_state_as_it_was(live_server, redis_url, redis
     assert after == before
 
 
-def test_content_number_and_nan_record(live_server, redis_url, redis_prefix):
-    number = live_server.client.post("/v1/chat/completions",
-                                     json={"model": SENAB, "messages": [{"role": "user", "content": 5}]})
-    assert_error(number, 400, "invalid_request", "messages.0.content")
-
+def test_nan_record_is_rejected_and_kept(live_server, redis_url, redis_prefix):
     session_id = f"nan-{uuid.uuid4().hex}"
     checkpoint_id = live_server.served.checkpoint.checkpoint_id
     record = bytearray(SessionRecord.start(checkpoint_id, np.zeros(32, np.float32)).encode())
@@ -253,10 +252,11 @@ def test_prompt_token_limit(tiny_served):
     with serve(tiny_served, MemoryStateStore(), max_prompt_tokens=20) as client:
         response = chat(client, "Hello, world! " * 10)
     error = assert_error(response, 400, "context_length_exceeded", "messages")
-    assert "20" in error["message"] and "SENAB_MAX_PROMPT_TOKENS" in error["message"]
+    assert "20" in error["message"]
+    assert "SENAB_MAX_PROMPT_TOKENS" in error["message"]
 
 
-def test_emoji_combining_and_right_to_left_text_round_trip(live_server):
+def test_unicode_edge_cases_round_trip(live_server):
     session_id = f"text-{uuid.uuid4().hex}"
     text = "🧪👩🏽‍🔬 e\u0301 \u202eשלום עולם\u202c مرحبا"
     first = live_server.chat([{"role": "user", "content": text}], session_id=session_id, max_tokens=4)

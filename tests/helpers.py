@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.conftest import free_port
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 
@@ -188,3 +197,41 @@ def randomize_write_out(bridge, seed: int = 1) -> None:
         for layer in (bridge.write_k, bridge.write_v):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.5)
+
+
+class ServerProcess:
+    """`senab serve` in a child process on a free loopback port, ready once /readyz answers 200."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,49 +16,13 @@ import pytest
 import redis
 
 from senab.models import DEFAULT_MODEL, pull_model
-from tests.conftest import free_port
+from tests.helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 SENAB_MODEL = f"{DEFAULT_MODEL}+senab"
 QUESTION = [{"role": "user", "content": "List three benefits of exercise."}]
 BENEFIT_WORDS = ("health", "heart", "weight", "mood", "energy", "sleep", "strength", "stress", "muscle", "mental")
-
-
-class ServerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")

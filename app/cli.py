@@ -24,6 +24,9 @@ SERVE_FLAGS: list[tuple[str, str, str]] = [
 ]
 
 
+SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -42,7 +45,9 @@ def serve(args: argparse.Namespace) -> int:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
             env = "REDIS_URL" if field == "redis_url" else f"SENAB_{field.upper()}"
-            print(f"error: invalid setting {env}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
+            # A secret's value stays out of the message; the validator's text says what is wrong.
+            shown = "" if field in SECRET_SETTINGS else f"={error.get('input')!r}"
+            print(f"error: invalid setting {env}{shown}: {error['msg']}", file=sys.stderr)
         return 2
     model_cli.configure_logging(settings.log_level)
     # Loading before uvicorn starts turns a missing or corrupt model into one error line.

@@ -109,8 +109,8 @@ def parse_api_keys(value: str) -> list[tuple[str, bytes]]:
                              "spaces; use long random keys, e.g. `openssl rand -hex 24`")
         digest = hashlib.sha256(key.encode()).digest()
         if separator and not _TENANT_NAME_RE.fullmatch(name):
-            raise ValueError(f"SENAB_API_KEYS entry {position} names the tenant {name!r}; a tenant name has "
-                             "1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+            raise ValueError(f"SENAB_API_KEYS entry {position} has an invalid tenant name before ':'; a tenant "
+                             "name has 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
         tenants.append((name or "key-" + digest.hex()[:24], digest))
     if len({digest for _, digest in tenants}) != len(tenants):
         raise ValueError("SENAB_API_KEYS lists the same key twice")

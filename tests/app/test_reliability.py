@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import struct
 import uuid
 from collections.abc import Iterator
@@ -196,7 +197,7 @@ def test_api_keys_namespace_sessions(tiny_served, redis_url, caplog):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("", "contains no key"), ("short", "shorter than 16"), ("bad name!:" + "k" * 20, "names the tenant"),
+    ("", "contains no key"), ("short", "shorter than 16"), ("bad name!:" + "k" * 20, "invalid tenant name"),
     ("k" * 20 + "," + "k" * 20, "same key twice"),
 ])
 def test_api_keys_setting_is_checked(value, message):
@@ -204,6 +205,19 @@ def test_api_keys_setting_is_checked(value, message):
         Settings(api_keys=value)
     if len(value) >= 16:
         assert "k" * 16 not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["short-secret", "bad name!:" + "s" * 20])
+def test_serve_does_not_print_a_rejected_key(value):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "SENAB_API_KEYS": value})
+
+    assert result.returncode == 2
+    assert "SENAB_API_KEYS" in result.stderr
+    assert value.split(":")[-1] not in result.stderr
 
 
 def test_bad_requests_leave_stored_state_as_it_was(live_server, redis_url, redis_prefix):

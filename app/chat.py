@@ -252,6 +252,8 @@ class ChatService:
             record = session.record
             if use_bridge and record.turn > 0 and record.last_digest == digest:
                 replay = StoredReply.from_record(record, self.sessions.affect(record.state))
+                if stored_id is not None:
+                    await self.sessions.remember_reply(tenant, session_id, stored_id, replay)
                 return Turn(self, prompt_tokens=record.last_prompt_tokens, replay=replay, **common)
 
             job = self.engine.submit(

@@ -92,6 +92,7 @@ class Settings(BaseSettings):
 
 
 _TENANT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_API_KEY_RE = re.compile(r"[\x21-\x39\x3b-\x7e]{16,}")  # printable ASCII except ':' (0x3a)
 
 
 def parse_api_keys(value: str) -> list[tuple[str, bytes]]:
@@ -104,9 +105,11 @@ def parse_api_keys(value: str) -> list[tuple[str, bytes]]:
         name, separator, key = entry.partition(":")
         if not separator:
             name, key = "", entry
-        if len(key) < 16 or any(c.isspace() for c in key):
+        # Clients send the key in an HTTP header, which carries ASCII only; ':' separates the name.
+        if not _API_KEY_RE.fullmatch(key):
             raise ValueError(f"SENAB_API_KEYS entry {position} has a key shorter than 16 characters or with "
-                             "spaces; use long random keys, e.g. `openssl rand -hex 24`")
+                             "spaces, ':' or non-ASCII characters; use long random keys, e.g. "
+                             "`openssl rand -hex 24`")
         digest = hashlib.sha256(key.encode()).digest()
         if separator and not _TENANT_NAME_RE.fullmatch(name):
             raise ValueError(f"SENAB_API_KEYS entry {position} has an invalid tenant name before ':'; a tenant "

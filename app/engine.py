@@ -98,6 +98,7 @@ class Engine:
         self.generator = Generator(served.model, served.tokenizer, served.handle)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._retry_after_s = 1
 
     def start(self) -> None:
@@ -108,10 +109,18 @@ class Engine:
                         self.served.name, self.max_batch_size, self._queue.maxsize)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running sequences (nothing of them is committed), reject the queued
+        ones with 503, and wait up to `timeout` seconds for the worker to exit."""
         if self._worker is None:
             return
-        self._queue.put(None)
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)  # wakes a worker waiting on an empty queue
+        except queue.Full:
+            pass  # a full queue means the worker is not waiting; it sees the flag at its next step
         self._worker.join(timeout)
+        if self._worker.is_alive():
+            logger.warning("engine worker did not stop within %.0f s", timeout)
         self._worker = None
         logger.info("engine stopped")
 
@@ -157,6 +166,7 @@ class Engine:
             return stopping or job.cancelled.is_set() or time.monotonic() > job.deadline
 
         while True:
+            stopping = stopping or self._stopping.is_set()
             admitted = self._admit(block=not batch and not stopping, room=self.max_batch_size - len(batch))
             if admitted is None:
                 stopping = True

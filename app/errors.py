@@ -116,6 +116,18 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
+def log_service_error(request_id: str, exc: ServiceError, session_id: str | None = None) -> None:
+    """Log the error that ended one request: client errors at INFO, server errors at WARNING.
+    An unreachable store is logged at DEBUG here because the store itself logs one warning
+    per interval while the outage lasts."""
+    if isinstance(exc, StoreUnavailable):
+        level = logging.DEBUG
+    else:
+        level = logging.WARNING if exc.status_code >= 500 else logging.INFO
+    logger.log(level, "request %s (session %s) failed: %s (%s)", request_id, session_id or "-", exc.code,
+               exc.message)
+
+
 def error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -138,8 +150,7 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code >= 500:
-            logger.warning("request %s failed: %s (%s)", _request_id(request), exc.code, exc.message)
+        log_service_error(_request_id(request), exc)
         return JSONResponse(service_error_body(exc), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

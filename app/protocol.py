@@ -54,6 +54,8 @@ class ChatMessage(BaseModel):
         if value is None:
             raise ValueError("content must be a string or a list of text parts, not null")
         if isinstance(value, list):
+            if not value:
+                raise ValueError("content must not be an empty list; send at least one text part")
             for i, part in enumerate(value):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text" or not isinstance(part.get("text"), str):
@@ -66,6 +68,13 @@ class ChatMessage(BaseModel):
             _check_unicode(value, "content")
         else:
             raise ValueError(f"content must be a string or a list of text parts, not {type(value).__name__}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_unicode(value, "name")
         return value
 
     def text(self) -> str:
@@ -99,6 +108,13 @@ class ChatCompletionRequest(BaseModel):
 
     # --- SENAB extensions beyond the OpenAI API ---
     session_id: str | None = Field(None, description="Session to continue; the X-Session-Id header also works.")
+
+    @field_validator("user")
+    @classmethod
+    def _check_user(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_unicode(value, "user")
+        return value
 
     @field_validator("stop")
     @classmethod

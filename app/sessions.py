@@ -182,6 +182,13 @@ class SessionService:
             "being committed; the turn was not saved. Retry the request.", param="session_id",
         )
 
+    async def remember_reply(self, tenant: str, session_id: str, idempotency_id: str, reply: StoredReply) -> None:
+        """Store a replayed turn's reply under a new idempotency id, so a retry with that key
+        finds it even after later turns."""
+        with self.metrics.time_store("commit"):
+            await self.store.remember_reply(tenant, session_id, idempotency_id, turn=reply.turn,
+                                            reply=reply.encode())
+
     async def reset(self, tenant: str, session_id: str) -> SessionRecord:
         """Put the session back at the set-point; this also repairs an unusable stored record."""
         try:

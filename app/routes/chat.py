@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.chat import Turn
 from app.deps import RequestIdDep, ServicesDep, TenantDep
-from app.errors import ServiceError, error_body, service_error_body
+from app.errors import ServiceError, error_body, log_service_error, service_error_body
 from app.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
                           DeltaMessage, ErrorResponse, ResponseMessage, Usage, completion_id)
 
@@ -107,7 +107,7 @@ async def _stream(turn: Turn, include_usage: bool) -> AsyncIterator[str]:
             yield _event(ChatCompletionChunk(id=chunk_id, created=created, model=turn.model, choices=[],
                                              usage=_usage(turn)))
     except ServiceError as exc:
-        logger.warning("request %s: stream on session %s failed: %s", turn.request_id, turn.session_id, exc.message)
+        log_service_error(turn.request_id, exc, turn.session_id)
         yield _event(service_error_body(exc))
     except Exception:
         logger.exception("request %s: stream on session %s failed", turn.request_id, turn.session_id)

@@ -87,6 +87,13 @@ class StateStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def remember_reply(self, tenant: str, session_id: str, idempotency_id: str, *, turn: int,
+                             reply: bytes) -> bool:
+        """Store `reply` under `idempotency_id` for an already committed `turn`, as `commit`
+        does, without touching the record. Returns False (and stores nothing) if the session
+        does not exist."""
+
+    @abc.abstractmethod
     async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
         """Replace the record unconditionally and clear the trajectory and stored replies.
 

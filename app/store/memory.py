@@ -80,12 +80,29 @@ class MemoryStateStore(StateStore):
             if point is not None and turn is not None:
                 session.trajectory.append((turn, bytes(point)))
             if idempotent is not None:
-                session.replies.pop(idempotent[0], None)
-                session.replies[idempotent[0]] = bytes(idempotent[1])
-                while len(session.replies) > IDEMPOTENT_REPLIES_MAX:
-                    del session.replies[next(iter(session.replies))]
+                self._store_reply(session, *idempotent)
             session.expires_at = now + self.ttl_seconds
             return session.version
+
+    async def remember_reply(self, tenant: str, session_id: str, idempotency_id: str, *, turn: int,
+                             reply: bytes) -> bool:
+        self._check_ids(tenant, session_id)
+        self._check_idempotency_id(idempotency_id)
+        async with self._lock:
+            now = time.monotonic()
+            session = self._live_session((tenant, session_id), now)
+            if session is None:
+                return False
+            self._store_reply(session, idempotency_id, reply)
+            session.expires_at = now + self.ttl_seconds
+            return True
+
+    @staticmethod
+    def _store_reply(session: _Session, idempotency_id: str, reply: bytes) -> None:
+        session.replies.pop(idempotency_id, None)
+        session.replies[idempotency_id] = bytes(reply)
+        while len(session.replies) > IDEMPOTENT_REPLIES_MAX:
+            del session.replies[next(iter(session.replies))]
 
     async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
         self._check_ids(tenant, session_id)

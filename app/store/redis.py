@@ -41,6 +41,22 @@ HEALTH_CHECK_INTERVAL_SECONDS = 30
 RETRIES = 1
 _FAILURE_LOG_INTERVAL_SECONDS = 10.0
 
+# Stores one reply in the replies hash and drops the oldest turns' replies beyond `limit`.
+_STORE_REPLY_FUNCTION = """
+local function store_reply(key, id, turn, reply, limit)
+  redis.call('HSET', key, id, turn .. '\\n' .. reply)
+  while redis.call('HLEN', key) > limit do
+    local entries = redis.call('HGETALL', key)
+    local oldest, oldest_turn = nil, nil
+    for i = 1, #entries, 2 do
+      local entry_turn = tonumber(string.match(entries[i + 1], '^(%d+)\\n')) or 0
+      if oldest_turn == nil or entry_turn < oldest_turn then oldest, oldest_turn = entries[i], entry_turn end
+    end
+    redis.call('HDEL', key, oldest)
+  end
+end
+"""
+
 # KEYS: state hash, trajectory stream, replies hash.
 # ARGV: expected version, record, TTL in ms, commit id, "1" if a point is given, turn, point,
 # trajectory_max, idempotency id ("" for none), reply, replies max. Returns {1, new version},
@@ -51,7 +67,7 @@ _FAILURE_LOG_INTERVAL_SECONDS = 10.0
 # that was applied, so it returns success instead of a conflict.
 # Redis does not roll back a script that fails half-way, so every check comes first and
 # the XADD, the only write that can still fail, runs before the HSET.
-_COMMIT_SCRIPT = """
+_COMMIT_SCRIPT = _STORE_REPLY_FUNCTION + """
 local stored = redis.call('HMGET', KEYS[1], 'v', 'c')
 local current = 0
 if stored[1] then
@@ -78,21 +94,23 @@ end
 local version = current + 1
 redis.call('HSET', KEYS[1], 'v', version, 'r', ARGV[2], 'c', ARGV[4])
 if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[9], ARGV[6] .. '\\n' .. ARGV[10])
-  while redis.call('HLEN', KEYS[3]) > tonumber(ARGV[11]) do
-    local entries = redis.call('HGETALL', KEYS[3])
-    local oldest, oldest_turn = nil, nil
-    for i = 1, #entries, 2 do
-      local turn = tonumber(string.match(entries[i + 1], '^(%d+)\\n')) or 0
-      if oldest_turn == nil or turn < oldest_turn then oldest, oldest_turn = entries[i], turn end
-    end
-    redis.call('HDEL', KEYS[3], oldest)
-  end
+  store_reply(KEYS[3], ARGV[9], ARGV[6], ARGV[10], tonumber(ARGV[11]))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {1, version}
+"""
+
+# KEYS: state hash, replies hash. ARGV: idempotency id, turn, reply, replies max, TTL in ms.
+# Returns 0 without writing when the session does not exist or its replies are not a hash.
+_REMEMBER_SCRIPT = _STORE_REPLY_FUNCTION + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'hash' then return 0 end
+store_reply(KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
 """
 
 # KEYS: state hash, trajectory stream, replies hash. ARGV: record, TTL in ms, reset id.
@@ -147,6 +165,7 @@ class RedisStateStore(StateStore):
         self._password: str | None = connection_kwargs.get("password") or None
         self._commit_script = self._client.register_script(_COMMIT_SCRIPT)
         self._reset_script = self._client.register_script(_RESET_SCRIPT)
+        self._remember_script = self._client.register_script(_REMEMBER_SCRIPT)
         self._consecutive_failures = 0
         self._unlogged_failures = 0
         self._last_warning_at: float | None = None
@@ -219,6 +238,14 @@ class RedisStateStore(StateStore):
         if not applied:
             raise self._conflict(session_id, expected_version, int(version))
         return int(version)
+
+    async def remember_reply(self, tenant: str, session_id: str, idempotency_id: str, *, turn: int,
+                             reply: bytes) -> bool:
+        self._check_idempotency_id(idempotency_id)
+        keys = [self.state_key(tenant, session_id), self.replies_key(tenant, session_id)]
+        args = [idempotency_id, turn, reply, IDEMPOTENT_REPLIES_MAX, self.ttl_seconds * 1000]
+        with self._translate_errors("remember_reply", session_id, write=True):
+            return bool(await self._remember_script(keys=keys, args=args))
 
     async def reset(self, tenant: str, session_id: str, record: bytes) -> int:
         keys = self._keys(tenant, session_id)

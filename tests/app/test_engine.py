@@ -86,3 +86,44 @@ def test_full_queue_answers_429_with_retry_after(redis_url):
     assert rejected.headers["Retry-After"].isdigit()
     assert rejected.json()["error"]["code"] == "rate_limit_exceeded"
 
+
+
+def test_stop_with_a_full_queue_cancels_and_rejects():
+    import asyncio
+
+    from app.engine import Engine
+    from app.errors import ModelUnavailable
+    from senab.generation import GenerationRequest, SamplingParams
+
+    model, tokenizer = make_tiny_llama(seed=0)
+    served = ServedModel(model=model, tokenizer=tokenizer, name=TINY, context_length=256,
+                         checkpoint=new_checkpoint(model.config))
+    hook = model.register_forward_pre_hook(lambda *args: time.sleep(0.05))
+    engine = Engine(served, max_queue=2, max_batch_size=1)
+    prompt = tokenizer("Hello", add_special_tokens=False).input_ids
+
+    async def run():
+        engine.start()
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=200, temperature=0))
+        running = engine.submit(request, request_id="running", timeout_s=60)
+        first = await running.events.get()  # the running row has produced output
+        queued = [engine.submit(request, request_id=f"queued-{i}", timeout_s=60) for i in range(2)]
+        started = time.monotonic()
+        await asyncio.to_thread(engine.stop, 5.0)
+        stopped_in = time.monotonic() - started
+        outcomes = []
+        for job in queued:
+            outcomes.append(await job.events.get())
+        last = first
+        while last.finish_reason is None:
+            last = await running.events.get()
+        return stopped_in, outcomes, last
+
+    try:
+        stopped_in, outcomes, last = asyncio.run(run())
+    finally:
+        hook.remove()
+
+    assert stopped_in < 5
+    assert all(isinstance(outcome, ModelUnavailable) for outcome in outcomes)
+    assert last.finish_reason == "cancelled"

@@ -125,6 +125,24 @@ def test_idempotency_key_replays_the_first_reply(live_server):
     assert state["turn"] == 2
 
 
+def test_new_key_on_a_replayed_turn_is_remembered(live_server):
+    # The second key first gets turn 1's reply (the conversation repeats the last turn); a
+    # retry with it after a later turn must return that reply again, not run a new turn.
+    session_id = f"idem-replay-{uuid.uuid4().hex}"
+    client = live_server.client
+    first = chat(client, "Hi there", session_id=session_id, idempotency_key="key-one")
+    replayed = chat(client, "Hi there", session_id=session_id, idempotency_key="key-two")
+    chat(client, "Something else", session_id=session_id)
+    retried = chat(client, "Hi there", session_id=session_id, idempotency_key="key-two")
+    state = client.get(f"/sessions/{session_id}/state").json()
+    client.delete(f"/sessions/{session_id}")
+
+    assert replayed.json()["choices"] == first.json()["choices"]
+    assert retried.json()["choices"] == first.json()["choices"]
+    assert retried.json()["senab"]["turn"] == 1
+    assert state["turn"] == 2
+
+
 def _stream_texts(body: str) -> Iterator[str]:
     for block in body.strip().split("\n\n"):
         payload = block.removeprefix("data: ")
@@ -198,7 +216,7 @@ def test_api_keys_namespace_sessions(tiny_served, redis_url, caplog):
 
 @pytest.mark.parametrize("value, message", [
     ("", "contains no key"), ("short", "shorter than 16"), ("bad name!:" + "k" * 20, "invalid tenant name"),
-    ("k" * 20 + "," + "k" * 20, "same key twice"),
+    ("k" * 20 + "," + "k" * 20, "same key twice"), ("a:b:" + "k" * 20, "':'"), ("name:" + "é" * 20, "non-ASCII"),
 ])
 def test_api_keys_setting_is_checked(value, message):
     with pytest.raises(ValueError, match=message) as error:

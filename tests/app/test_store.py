@@ -372,6 +372,16 @@ async def test_only_the_newest_replies_are_kept(store: StateStore) -> None:
     assert kept == list(range(3, IDEMPOTENT_REPLIES_MAX + 3))
 
 
+async def test_remember_reply_for_a_committed_turn(store: StateStore) -> None:
+    assert not await store.remember_reply(TENANT, SESSION, "ab", turn=1, reply=b"none")
+    await store.commit(TENANT, SESSION, expected_version=0, record=b"r1", turn=1)
+
+    assert await store.remember_reply(TENANT, SESSION, "ab", turn=1, reply=b"reply one")
+    stored = await store.load(TENANT, SESSION, idempotency_id="ab")
+    assert stored.idempotent_reply == b"reply one"
+    assert stored.version == 1
+
+
 @pytest.mark.parametrize("operation", ["reset", "delete"])
 async def test_reset_and_delete_forget_replies(store: StateStore, operation: str) -> None:
     await store.commit(TENANT, SESSION, expected_version=0, record=b"r1", turn=1, idempotent=("ab", b"reply"))

@@ -21,6 +21,7 @@ SERVE_FLAGS: list[tuple[str, str, str]] = [
     ("--bridge", "SENAB_BRIDGE", "bridge checkpoint directory (default: the shipped or untrained one)"),
     ("--redis-url", "REDIS_URL", "Redis URL for session state (default: in-process memory)"),
     ("--log-level", "SENAB_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    ("--log-format", "SENAB_LOG_FORMAT", "text or json (default text)"),
 ]
 
 
@@ -31,6 +32,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.config import Settings
+    from app.logs import configure_logging
     from app.main import create_app, load_served_model
     from senab.bridge import CheckpointError
     from senab.models import ModelError
@@ -49,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
             shown = "" if field in SECRET_SETTINGS else f"={error.get('input')!r}"
             print(f"error: invalid setting {env}{shown}: {error['msg']}", file=sys.stderr)
         return 2
-    model_cli.configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # Loading before uvicorn starts turns a missing or corrupt model into one error line.
     try:
         served = load_served_model(settings)

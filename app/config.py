@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")
     request_timeout_s: float = Field(600.0, gt=0, description="Maximum time one completion may run, seconds.")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json for one JSON object per line with the request fields.")
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; unset serves without authentication. An entry "
                           "`name:key` keeps the key's sessions under the tenant `name`, so a rotated key can "

@@ -58,9 +58,13 @@ def load_served_model(settings: Settings) -> ServedModel:
                        device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))
 
 
+# Probes and scrapers call these every few seconds; their access lines are logged at DEBUG.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class RequestContextMiddleware:
-    """Give every request an id (X-Request-Id), reject bodies over the size limit (413), and
-    count responses by endpoint and status."""
+    """Give every request an id (X-Request-Id), reject bodies over the size limit (413),
+    count responses by endpoint and status, and log one access line per request."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
@@ -97,13 +101,35 @@ class RequestContextMiddleware:
                         413, f"The request body is larger than the limit of {limit} bytes.")
             return message
 
+        started = time.monotonic()
+        status = 500  # if the app fails before it starts a response
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
-                self.metrics.http_requests.labels(endpoint, str(message["status"])).inc()
+                self.metrics.http_requests.labels(endpoint, str(status)).inc()
             await send(message)
 
-        await self.app(scope, limited_receive, send_with_id)
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            self._log_access(scope, request_id, status, started)
+
+    @staticmethod
+    def _log_access(scope: Scope, request_id: str, status: int, started: float) -> None:
+        path = scope.get("path", "")
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
+        fields: dict[str, object] = {"request_id": request_id, "method": scope.get("method"), "path": path,
+                                     "status": status, "latency_ms": latency_ms}
+        turn = scope.get("state", {}).get("turn")
+        if turn is not None:
+            fields.update(session_id=turn.session_id, prompt_tokens=turn.prompt_tokens,
+                          completion_tokens=turn.completion_tokens)
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        logger.log(level, "request %s: %s %s -> %d in %.1f ms", request_id, fields["method"], path, status,
+                   latency_ms, extra=fields)
 
 
 async def _send_json(send: Send, status: int, body: dict, request_id: str) -> None:

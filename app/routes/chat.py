@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.chat import Turn
@@ -26,13 +26,14 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 4
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def create_chat_completion(
     request: ChatCompletionRequest, services: ServicesDep, tenant: TenantDep, request_id: RequestIdDep,
-    x_session_id: Annotated[str | None, Header()] = None,
+    http_request: Request, x_session_id: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(description="Retries with the same key return the first "
                                                              "reply and do not advance the state again.")] = None,
 ):
     """Continue a session's conversation with one assistant reply."""
     turn = await services.chat.start_turn(request, tenant=tenant, header_session_id=x_session_id,
                                           request_id=request_id, idempotency_key=idempotency_key)
+    http_request.state.turn = turn  # for the access log line
     headers = {"X-Session-Id": turn.session_id}
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)

@@ -137,6 +137,7 @@ def service_error_body(exc: ServiceError) -> dict[str, Any]:
 
 
 _LOCATIONS = {"body", "query", "path", "header"}
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
@@ -174,7 +175,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
                 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
+        message = str(exc.detail)
+        if message == FASTAPI_BODY_ERROR:
+            # FastAPI's text for a body it cannot decode (invalid UTF-8, nesting too deep).
+            message = ("The request body could not be parsed: send one JSON object in UTF-8 with "
+                       "Content-Type: application/json.")
+        logger.info("request %s: HTTP %d: %s", _request_id(request), exc.status_code, message)
+        return JSONResponse(error_body(message, "invalid_request_error", None, code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

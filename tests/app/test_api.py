@@ -329,6 +329,13 @@ def test_invalid_json(live_server):
     assert "JSON" in error["message"]
 
 
+def test_body_not_utf8(live_server):
+    response = live_server.client.post("/v1/chat/completions", content=b'{"model": "\xff\xfe"}',
+                                       headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "invalid_request", None)
+    assert "UTF-8" in error["message"]
+
+
 def test_body_too_large(live_server):
     body = {"model": SENAB, "messages": [{"role": "user", "content": "x" * 30_000}]}
     assert_error(live_server.client.post("/v1/chat/completions", json=body), 413, "payload_too_large")

@@ -208,6 +208,11 @@ class SessionService:
     async def trajectory(self, tenant: str, session_id: str, *, since: int | None,
                          limit: int | None) -> list[TrajectoryPoint]:
         await self.require(tenant, session_id)
+        return await self.points(tenant, session_id, since=since, limit=limit)
+
+    async def points(self, tenant: str, session_id: str, *, since: int | None = None,
+                     limit: int | None = None) -> list[TrajectoryPoint]:
+        """Return decoded trajectory points without touching the session's idle TTL."""
         points = await self.store.trajectory(tenant, session_id, since=since, limit=limit)
         decoded = []
         for _, data in points:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
 
-from app.deps import ServicesDep, TenantDep
+from app.deps import RequestIdDep, ServicesDep, TenantDep
+from app.errors import InvalidRequest
+from app.events import turn_events
 from app.protocol import (DeleteResponse, ResetResponse, SessionState, Trajectory, TrajectoryPoint,
                           check_session_id)
 
@@ -57,3 +60,26 @@ async def delete_session(session_id: str, services: ServicesDep, tenant: TenantD
     async with services.sessions.lock(tenant, session_id):
         await services.sessions.delete(tenant, session_id)
     return DeleteResponse(id=session_id, deleted=True)
+
+
+@router.get("/{session_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "One `turn` event per commit."}})
+async def session_events(
+    session_id: str, request: Request, services: ServicesDep, tenant: TenantDep, request_id: RequestIdDep,
+    since: Annotated[int | None, Query(ge=0, description="Send the turns after this one (default: only new "
+                                                         "turns).")] = None,
+    last_event_id: Annotated[str | None, Header(description="Sent by EventSource on reconnection.")] = None,
+) -> StreamingResponse:
+    """Stream the session's committed turns as server-sent events, live."""
+    check_session_id(session_id)
+    loaded = await services.sessions.require(tenant, session_id)
+    after = loaded.record.turn if since is None else since
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise InvalidRequest(f"Last-Event-ID must be a turn number, got {last_event_id[:40]!r}.",
+                                 param="Last-Event-ID")
+        after = int(last_event_id)
+    events = turn_events(services.sessions, tenant, session_id, after=after, request_id=request_id,
+                         disconnected=request.is_disconnected)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -123,6 +123,11 @@ class StateStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def last_turn(self, tenant: str, session_id: str) -> int:
+        """Return the turn of the newest trajectory point, 0 for an empty or missing trajectory.
+        Like `trajectory`, it does not restart the idle TTL."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Check that the store is reachable. Raises `StoreUnavailable` if it is not."""
 

@@ -136,6 +136,12 @@ class MemoryStateStore(StateStore):
             points = [entry for entry in session.trajectory if since is None or entry[0] > since]
         return points if limit is None else points[:limit]
 
+    async def last_turn(self, tenant: str, session_id: str) -> int:
+        self._check_ids(tenant, session_id)
+        async with self._lock:
+            session = self._live_session((tenant, session_id), time.monotonic())
+            return session.trajectory[-1][0] if session is not None and session.trajectory else 0
+
     async def ping(self) -> None:
         return None
 

@@ -283,6 +283,17 @@ class RedisStateStore(StateStore):
             points = [entry for entry in points if entry[0] > since]
         return points if limit is None else points[:limit]
 
+    async def last_turn(self, tenant: str, session_id: str) -> int:
+        trajectory_key = self.trajectory_key(tenant, session_id)
+        with self._translate_errors("last_turn", session_id, write=False):
+            entries = await self._client.xrevrange(trajectory_key, count=1)
+        if not entries:
+            return 0
+        try:
+            return int(entries[0][1][b"t"])
+        except (KeyError, ValueError):
+            raise self._invalid(session_id, "a trajectory entry without an integer turn") from None
+
     def _invalid(self, session_id: str, what: str) -> StateInvalid:
         logger.warning("session %s in Redis at %s has %s", session_id, self._address, what)
         return StateInvalid(

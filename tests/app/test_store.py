@@ -205,6 +205,14 @@ async def test_trajectory_limit_zero_is_empty(store: StateStore) -> None:
     assert await store.trajectory(TENANT, SESSION, limit=0) == []
 
 
+async def test_last_turn(store: StateStore) -> None:
+    assert await store.last_turn(TENANT, SESSION) == 0
+    await commit_points(store, range(1, 4))
+    assert await store.last_turn(TENANT, SESSION) == 3
+    await store.reset(TENANT, SESSION, b"fresh")
+    assert await store.last_turn(TENANT, SESSION) == 0
+
+
 async def test_trajectory_of_missing_session_is_empty(store: StateStore) -> None:
     assert await store.trajectory(TENANT, SESSION) == []
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +29,7 @@ from app.store import StateStore, create_store
 logger = logging.getLogger(__name__)
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "senab" / "weights"
+UI_DIRECTORY = Path(__file__).resolve().parent / "static" / "ui"
 
 
 def load_served_model(settings: Settings) -> ServedModel:
@@ -194,5 +197,12 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
     app.include_router(chat.router)
     app.include_router(health.router)
     app.include_router(sessions.router)
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_redirect() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    # The page's files are public; the API calls it makes carry the key the user enters.
+    app.mount("/ui/", StaticFiles(directory=UI_DIRECTORY, html=True), name="ui")
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

@@ -2,7 +2,10 @@
 
 import asyncio
 import json
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -521,3 +524,28 @@ def test_metric_endpoint_labels_stay_few(path, label):
     from app.metrics import endpoint_label
 
     assert endpoint_label(path) == label
+
+
+def test_ui_page_and_its_files_are_served(live_server):
+    redirect = live_server.client.get("/ui", follow_redirects=False)
+    page = live_server.client.get("/ui/")
+    script = live_server.client.get("/ui/app.js")
+    style = live_server.client.get("/ui/style.css")
+
+    assert redirect.status_code == 307
+    assert redirect.headers["location"] == "/ui/"
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    for control in ('id="prompt"', 'id="api-key"', 'id="session-id"', 'id="reset-session"', 'id="chart"',
+                    'src="app.js"', 'role="status"'):
+        assert control in page.text
+    assert script.status_code == 200
+    assert "/sessions/${encodeURIComponent(sessionId)}/events" in script.text
+    assert style.status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_ui_script_parses():
+    script = Path(__file__).resolve().parents[2] / "app" / "static" / "ui" / "app.js"
+    result = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -34,31 +34,46 @@ async function errorMessage(response) {
   }
 }
 
-// Calls onEvent({event, id, data}) for every server-sent event in a fetch response body.
+// Calls onEvent({event, id, data}) for every server-sent event in a fetch response body,
+// following the HTML standard's event-stream rules (CR, LF or CRLF line ends, an optional
+// space after the colon, several data lines joined by "\n").
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const event = { event: "message", id: null, data: "" };
-      for (const line of block.split("\n")) {
-        const colon = line.indexOf(": ");
-        if (line.startsWith(":") || colon < 0) continue;
-        const field = line.slice(0, colon);
-        const text = line.slice(colon + 2);
-        if (field === "data") event.data += text;
-        else if (field === "event") event.event = text;
-        else if (field === "id") event.id = text;
-      }
-      if (event.data) onEvent(event);
+  let event = { event: "message", id: null, data: [] };
+  const handle = (line) => {
+    if (line === "") {
+      if (event.data.length) onEvent({ event: event.event, id: event.id, data: event.data.join("\n") });
+      event = { event: "message", id: null, data: [] };
+      return;
     }
+    if (line.startsWith(":")) return;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let text = colon < 0 ? "" : line.slice(colon + 1);
+    if (text.startsWith(" ")) text = text.slice(1);
+    if (field === "data") event.data.push(text);
+    else if (field === "event") event.event = text;
+    else if (field === "id") event.id = text;
+  };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) {
+        // A CR kept back for a possible LF ends its line after all.
+        if (buffer.endsWith("\r")) for (const line of (buffer.slice(0, -1) + "\n").split(/\r\n|\r|\n/).slice(0, -1)) handle(line);
+        return;
+      }
+      buffer += decoder.decode(value, { stream: true });
+      // A CR at the end may be the first half of a CRLF: keep it for the next chunk.
+      const complete = buffer.endsWith("\r") ? buffer.length - 1 : buffer.length;
+      const lines = buffer.slice(0, complete).split(/\r\n|\r|\n/);
+      buffer = lines.pop() + buffer.slice(complete);
+      lines.forEach(handle);
+    }
+  } finally {
+    reader.cancel().catch(() => {});
   }
 }
 
@@ -76,9 +91,15 @@ function addMessage(role, text) {
   return body;
 }
 
+function setBusy(busy) {
+  page.busy = busy;
+  // Switching sessions mid-reply would mix two conversations, so those controls wait too.
+  for (const id of ["send", "open-session", "new-session", "reset-session", "delete-session"]) $(id).disabled = busy;
+  $("messages").setAttribute("aria-busy", String(busy));
+}
+
 async function send(text) {
-  page.busy = true;
-  $("send").disabled = true;
+  setBusy(true);
   page.messages.push({ role: "user", content: text });
   addMessage("user", text);
   const reply = addMessage("assistant", "");
@@ -90,58 +111,74 @@ async function send(text) {
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     const sessionId = response.headers.get("X-Session-Id");
-    if (sessionId && sessionId !== page.sessionId) openSession(sessionId, { keepMessages: true });
+    if (sessionId && !page.sessionId) {
+      page.sessionId = sessionId;
+      $("session-id").value = sessionId;
+    }
     let failure = null;
+    let finished = false;
     await readEvents(response, ({ data }) => {
-      if (data === "[DONE]") return;
+      if (data === "[DONE]") { finished = true; return; }
       const chunk = JSON.parse(data);
       if (chunk.error) failure = chunk.error.message;
-      for (const choice of chunk.choices || []) reply.textContent += choice.delta.content || "";
+      for (const choice of chunk.choices || []) {
+        reply.textContent += choice.delta.content || "";
+        reply.scrollIntoView({ block: "nearest" });
+      }
     });
     if (failure) throw new Error(failure);
+    if (!finished) throw new Error("the reply stream ended early; the turn may not have been saved");
     page.messages.push({ role: "assistant", content: reply.textContent });
-    if (!page.watcher) watch(page.sessionId);
     setStatus(`Session ${page.sessionId}: ${page.messages.length / 2} turn(s) in this page.`);
+    if (!page.watcher && page.sessionId) watch(page.sessionId);
   } catch (error) {
     page.messages.pop();  // the turn did not happen; a retry sends the same conversation
-    reply.textContent = "(no reply)";
+    reply.textContent += reply.textContent ? " (cut off)" : "(no reply)";
+    if (!$("prompt").value) $("prompt").value = text;  // give the text back for a retry
     setStatus(`The message was not answered: ${error.message}`, true);
   } finally {
-    page.busy = false;
-    $("send").disabled = false;
+    setBusy(false);
+    $("prompt").focus();
   }
 }
 
-// Follows the session's events; reconnects after an error or a dropped stream.
+// Follows the session's events; reconnects 2 s after a dropped stream or a server error,
+// and stops on the session's 404 (not stored yet) or on another client error.
 function watch(sessionId) {
   if (page.watcher) page.watcher.abort();
   const controller = new AbortController();
   page.watcher = controller;
+  const current = () => !controller.signal.aborted && page.sessionId === sessionId;
   const run = async () => {
-    while (!controller.signal.aborted && page.sessionId === sessionId) {
+    while (current()) {
       const since = page.points.length ? page.points[page.points.length - 1].turn : 0;
       try {
         const response = await fetch(`/sessions/${encodeURIComponent(sessionId)}/events?since=${since}`,
                                      { headers: headers(false), signal: controller.signal });
-        if (response.status === 404) {  // not stored yet: the first committed turn starts watching
-          if (page.watcher === controller) page.watcher = null;
+        if (response.status === 404) return;  // the first committed turn starts watching again
+        if (response.status >= 400 && response.status < 500 && ![408, 429].includes(response.status)) {
+          setStatus(`Live updates stopped: ${await errorMessage(response)}`, true);
           return;
         }
         if (!response.ok) throw new Error(await errorMessage(response));
+        if ($("status").textContent.startsWith("Live updates paused")) setStatus("Live updates resumed.");
         await readEvents(response, ({ event, data }) => {
+          if (!current()) return;
           const body = JSON.parse(data);
           if (event === "turn") addPoint(body);
           else if (event === "reset") { page.points = []; draw(); }
           else if (event === "error") setStatus(`Live updates paused: ${body.error.message}`, true);
         });
       } catch (error) {
-        if (controller.signal.aborted) return;
+        if (!current()) return;
         setStatus(`Live updates paused: ${error.message}`, true);
       }
       await new Promise((resolve) => setTimeout(resolve, 2000));
     }
   };
-  run();
+  run().finally(() => {
+    if (page.watcher === controller) page.watcher = null;
+  });
 }
 
 function addPoint(point) {
@@ -150,28 +187,34 @@ function addPoint(point) {
   draw();
 }
 
-async function openSession(sessionId, { keepMessages = false } = {}) {
+async function openSession(sessionId) {
+  if (page.busy) return;  // the controls are disabled while a reply streams
+  if (page.watcher) page.watcher.abort();
+  page.watcher = null;
   page.sessionId = sessionId;
   $("session-id").value = sessionId;
-  if (!keepMessages) {
-    page.messages = [];
-    $("messages").replaceChildren();
-  }
+  page.messages = [];
+  $("messages").replaceChildren();
   page.points = [];
   draw();
   try {
     const trajectory = await api("GET", `/sessions/${encodeURIComponent(sessionId)}/trajectory`);
+    if (page.sessionId !== sessionId) return;  // another session was opened meanwhile
     page.points = trajectory.points;
     draw();
-    if (!keepMessages) setStatus(`Opened session ${sessionId} at turn ${page.points.length ? page.points.at(-1).turn : 0}; ` +
-                                 "its earlier messages are not stored on the server.");
+    setStatus(`Opened session ${sessionId} at turn ${page.points.length ? page.points.at(-1).turn : 0}; ` +
+              "its earlier messages are not stored on the server.");
+    watch(sessionId);
   } catch (error) {
-    if (!error.message.startsWith("404")) setStatus(error.message, true);
+    if (page.sessionId !== sessionId) return;
+    setStatus(error.message.startsWith("404")
+      ? `Session ${sessionId} has no stored turns yet; the first message creates it.`
+      : error.message, !error.message.startsWith("404"));
   }
-  watch(sessionId);
 }
 
 function newSession() {
+  if (page.busy) return;
   if (page.watcher) page.watcher.abort();
   page.watcher = null;
   Object.assign(page, { sessionId: "", messages: [], points: [] });
@@ -182,6 +225,7 @@ function newSession() {
 }
 
 async function sessionAction(method, suffix, done) {
+  if (page.busy) return;
   if (!page.sessionId) { setStatus("Open or start a session first.", true); return; }
   try {
     await api(method, `/sessions/${encodeURIComponent(page.sessionId)}${suffix}`);
@@ -227,10 +271,12 @@ function drawChart() {
   }
   chart.append(svgElement("text", { x: width - right, y: height - 6, "font-size": 11, fill: "#4a5561",
                                     "text-anchor": "end" }, "turn"));
-  for (const [name, color] of [["valence", "#0b7a3e"], ["arousal", "#b3261e"], ["distance", "#5b3cc4"]]) {
+  // Dash patterns as well as colours, so the series stay apart without colour vision.
+  const styles = [["valence", "#0b7a3e", ""], ["arousal", "#b3261e", "7 4"], ["distance", "#5b3cc4", "2 3"]];
+  for (const [name, color, dashes] of styles) {
     const series = points.filter((p) => p[name] !== null);
     if (!series.length) continue;
-    chart.append(svgElement("polyline", { fill: "none", stroke: color, "stroke-width": 2,
+    chart.append(svgElement("polyline", { fill: "none", stroke: color, "stroke-width": 2, "stroke-dasharray": dashes,
                                           points: series.map((p) => `${x(p.turn)},${y(p[name])}`).join(" ") }));
     for (const p of series) {
       const dot = svgElement("circle", { cx: x(p.turn), cy: y(p[name]), r: 3.5, fill: color, class: `point ${name}` });
@@ -266,6 +312,11 @@ async function loadModels() {
 }
 
 $("api-key").value = sessionStorage.getItem("senab-api-key") || "";
+$("api-key").addEventListener("keydown", (event) => {
+  if (event.key !== "Enter") return;
+  event.preventDefault();  // Enter here saves the key; it must not reopen the session
+  $("api-key").dispatchEvent(new Event("change"));
+});
 $("api-key").addEventListener("change", () => {
   sessionStorage.setItem("senab-api-key", $("api-key").value.trim());
   loadModels();
@@ -273,7 +324,9 @@ $("api-key").addEventListener("change", () => {
 $("settings").addEventListener("submit", (event) => {
   event.preventDefault();
   const sessionId = $("session-id").value.trim();
-  if (sessionId) openSession(sessionId); else newSession();
+  if (sessionId === page.sessionId && sessionId) setStatus(`Session ${sessionId} is already open.`);
+  else if (sessionId) openSession(sessionId);
+  else newSession();
 });
 $("new-session").addEventListener("click", newSession);
 $("reset-session").addEventListener("click", () => sessionAction("POST", "/reset", () => {
@@ -294,7 +347,7 @@ $("composer").addEventListener("submit", (event) => {
   send(text);
 });
 $("prompt").addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
     $("composer").requestSubmit();
   }

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.errors import InvalidRequest
 from senab.generation import SamplingParams
@@ -41,12 +41,21 @@ def _check_unicode(text: str, what: str) -> None:
         ) from None
 
 
+def _require_unicode(value: str) -> str:
+    _check_unicode(value, "the text")
+    return value
+
+
+# A string field that rejects unpaired surrogates; the error's `param` names the field.
+UnicodeText = Annotated[str, AfterValidator(_require_unicode)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Role
     content: str | list[dict[str, Any]]
-    name: str | None = None
+    name: UnicodeText | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -68,13 +77,6 @@ class ChatMessage(BaseModel):
             _check_unicode(value, "content")
         else:
             raise ValueError(f"content must be a string or a list of text parts, not {type(value).__name__}")
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        if value is not None:
-            _check_unicode(value, "name")
         return value
 
     def text(self) -> str:
@@ -103,18 +105,11 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = None
+    user: UnicodeText | None = None
     n: int | None = Field(None, ge=1)
 
     # --- SENAB extensions beyond the OpenAI API ---
     session_id: str | None = Field(None, description="Session to continue; the X-Session-Id header also works.")
-
-    @field_validator("user")
-    @classmethod
-    def _check_user(cls, value: str | None) -> str | None:
-        if value is not None:
-            _check_unicode(value, "user")
-        return value
 
     @field_validator("stop")
     @classmethod

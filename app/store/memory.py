@@ -49,11 +49,9 @@ class MemoryStateStore(StateStore):
         self._check_ids(tenant, session_id)
         self._check_idempotency_id(idempotency_id)
         async with self._lock:
-            now = time.monotonic()
-            session = self._live_session((tenant, session_id), now)
+            session = self._touch((tenant, session_id))
             if session is None:
                 return None
-            session.expires_at = now + self.ttl_seconds
             reply = session.replies.get(idempotency_id) if idempotency_id is not None else None
             return StoredSession(record=session.record, version=session.version, idempotent_reply=reply)
 
@@ -89,13 +87,19 @@ class MemoryStateStore(StateStore):
         self._check_ids(tenant, session_id)
         self._check_idempotency_id(idempotency_id)
         async with self._lock:
-            now = time.monotonic()
-            session = self._live_session((tenant, session_id), now)
+            session = self._touch((tenant, session_id))
             if session is None:
                 return False
             self._store_reply(session, idempotency_id, reply)
-            session.expires_at = now + self.ttl_seconds
             return True
+
+    def _touch(self, key: tuple[str, str]) -> _Session | None:
+        """Return the live session under `key` with a fresh idle TTL, or None."""
+        now = time.monotonic()
+        session = self._live_session(key, now)
+        if session is not None:
+            session.expires_at = now + self.ttl_seconds
+        return session
 
     @staticmethod
     def _store_reply(session: _Session, idempotency_id: str, reply: bytes) -> None:

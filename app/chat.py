@@ -6,7 +6,7 @@ session id, state load, prompt length, queue admission) and returns a `Turn`. It
 when the reply finished with "stop" or "length". A turn that is closed early (client
 gone, error) commits nothing.
 
-A retried turn is answered from the store instead of run again: when the request repeats
+The store returns a retried turn's reply instead of running it again: when the request repeats
 the conversation of the session's last committed turn, or carries an Idempotency-Key
 whose reply is stored (IETF draft-ietf-httpapi-idempotency-key-header).
 """

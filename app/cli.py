@@ -47,9 +47,9 @@ def serve(args: argparse.Namespace) -> int:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
             env = "REDIS_URL" if field == "redis_url" else f"SENAB_{field.upper()}"
-            # A secret's value stays out of the message; the validator's text says what is wrong.
-            shown = "" if field in SECRET_SETTINGS else f"={error.get('input')!r}"
-            print(f"error: invalid setting {env}{shown}: {error['msg']}", file=sys.stderr)
+            # A secret's value stays out of the message; the validator's text explains the problem.
+            value = "" if field in SECRET_SETTINGS else f"={error.get('input')!r}"
+            print(f"error: invalid setting {env}{value}: {error['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     # Loading before uvicorn starts turns a missing or corrupt model into one error line.

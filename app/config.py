@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every setting comes from a `SENAB_*` environment variable (or `REDIS_URL`)."""
 
-    # Inputs stay out of validation errors: they may hold API keys or the Redis password.
+    # Inputs stay out of validation errors because they may contain API keys or the Redis password.
     model_config = SettingsConfigDict(env_prefix="SENAB_", extra="ignore", populate_by_name=True,
                                       hide_input_in_errors=True)
 

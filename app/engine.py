@@ -117,7 +117,7 @@ class Engine:
         try:
             self._queue.put_nowait(None)  # wakes a worker waiting on an empty queue
         except queue.Full:
-            pass  # a full queue means the worker is not waiting; it sees the flag at its next step
+            pass  # with a full queue the worker is not waiting, and it reads the flag at its next step
         self._worker.join(timeout)
         if self._worker.is_alive():
             logger.warning("engine worker did not stop within %.0f s", timeout)

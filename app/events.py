@@ -1,7 +1,7 @@
 """Server-sent events of a session's committed turns, for dashboards.
 
 The stream polls the session's trajectory in the store (the Redis Stream on a Redis store),
-so it sees turns committed by any replica. Each committed turn is one `turn` event whose
+so it delivers turns committed by any replica. Each committed turn is one `turn` event whose
 id is the turn number; a client that reconnects with `Last-Event-ID` (EventSource does this
 by itself) gets the turns after that one. When the trajectory's newest turn drops below the
 last one sent, the session was reset or deleted: a `reset` event follows and counting starts
@@ -36,8 +36,8 @@ async def turn_events(sessions: SessionService, tenant: str, session_id: str, *,
                       keepalive_s: float = KEEPALIVE_SECONDS) -> AsyncIterator[str]:
     """Yield SSE text for every turn committed after turn `after`, until the client leaves.
 
-    NOTE: a reset followed by more commits than the last sent turn within one poll interval
-    is not detected; the stream then continues from the new turns without a `reset` event.
+    NOTE: a reset followed, within one poll interval, by more commits than the last sent
+    turn is not detected. The stream then continues from the new turns without a `reset` event.
     """
     last = after
     quiet = 0.0

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start `senab serve` on 127.0.0.1:`port` with extra `env`; return once /readyz answers 200."""
+    """Start `senab serve` on 127.0.0.1:`port` with extra `env`; return once /readyz returns 200."""
     log = open(log_path, "ab")
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)

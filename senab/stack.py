@@ -68,7 +68,7 @@ def _last_layer_at(layer, hidden: torch.Tensor, position_embeddings, rows: torch
     cos, sin = position_embeddings
     query, _ = apply_rotary_pos_emb(query, query, cos[:, rows], sin[:, rows])
     _, key = apply_rotary_pos_emb(key, key, cos, sin)
-    # Causal mask of the selected queries: position rows[i] sees keys 0..rows[i].
+    # Causal mask of the selected queries: position rows[i] attends to keys 0..rows[i].
     allowed = torch.arange(length, device=hidden.device).unsqueeze(0) <= rows.unsqueeze(1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=attention.scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])

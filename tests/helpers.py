@@ -200,7 +200,7 @@ def randomize_write_out(bridge, seed: int = 1) -> None:
 
 
 class ServerProcess:
-    """`senab serve` in a child process on a free loopback port, ready once /readyz answers 200."""
+    """`senab serve` in a child process on a free loopback port, ready once /readyz returns 200."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()

@@ -42,7 +42,9 @@ def test_dockerfile_runs_as_non_root_with_healthcheck():
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
 
-    assert users and users[-1].isdigit() and users[-1] != "0"
+    assert users
+    assert users[-1].isdigit()
+    assert users[-1] != "0"
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("senab models pull" in line for line in lines)  # the model is in the image
     assert sum(line.startswith("FROM ") for line in lines) >= 2  # multi-stage

@@ -120,7 +120,7 @@ def test_trajectory_survives_restart(server_env, tmp_path):
     assert re.search(r"session state is kept in Redis at redis://", log)
 
 
-def test_server_killed_mid_turn_leaves_the_previous_turn_intact(server_env, tmp_path, redis_url):
+def test_killed_server_keeps_previous_turn(server_env, tmp_path, redis_url):
     import asyncio
 
     from app.store import RedisStateStore

@@ -19,8 +19,8 @@ TURNS = ["Hello there!", "How is the weather?", "Numbers: 1 2 3", "Tell me more.
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory, redis_url):
-    """Two servers of a tiny model with a bridge whose write-out is not zero, so the session
-    state changes the replies; both keep their sessions under one Redis prefix."""
+    """Start two servers of a tiny model sharing one Redis prefix. The bridge's write-out is
+    not zero, so the session state changes the replies."""
     root = tmp_path_factory.mktemp("replicas")
     model, _ = make_tiny_llama(root / "tiny-model", seed=0)
     checkpoint = new_checkpoint(model.config, base_model="tiny-model")

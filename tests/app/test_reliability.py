@@ -126,8 +126,8 @@ def test_idempotency_key_replays_the_first_reply(live_server):
 
 
 def test_new_key_on_a_replayed_turn_is_remembered(live_server):
-    # The second key first gets turn 1's reply (the conversation repeats the last turn); a
-    # retry with it after a later turn must return that reply again, not run a new turn.
+    # The second key first gets turn 1's reply, because the conversation repeats the last turn.
+    # A retry with it after a later turn must return that reply again, not run a new turn.
     session_id = f"idem-replay-{uuid.uuid4().hex}"
     client = live_server.client
     first = chat(client, "Hi there", session_id=session_id, idempotency_key="key-one")

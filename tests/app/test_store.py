@@ -367,7 +367,7 @@ async def test_conflicting_commit_stores_no_reply(store: StateStore) -> None:
     assert (await store.load(TENANT, SESSION, idempotency_id="ab")).idempotent_reply is None
 
 
-async def test_only_the_newest_replies_are_kept(store: StateStore) -> None:
+async def test_oldest_replies_are_dropped(store: StateStore) -> None:
     from app.store.base import IDEMPOTENT_REPLIES_MAX
 
     version = 0
@@ -375,9 +375,9 @@ async def test_only_the_newest_replies_are_kept(store: StateStore) -> None:
         version = await store.commit(TENANT, SESSION, expected_version=version, record=b"r", turn=turn,
                                      idempotent=(f"{turn:x}", f"reply {turn}".encode()))
 
-    kept = [turn for turn in range(1, IDEMPOTENT_REPLIES_MAX + 3)
+    remaining = [turn for turn in range(1, IDEMPOTENT_REPLIES_MAX + 3)
             if (await store.load(TENANT, SESSION, idempotency_id=f"{turn:x}")).idempotent_reply is not None]
-    assert kept == list(range(3, IDEMPOTENT_REPLIES_MAX + 3))
+    assert remaining == list(range(3, IDEMPOTENT_REPLIES_MAX + 3))
 
 
 async def test_remember_reply_for_a_committed_turn(store: StateStore) -> None:

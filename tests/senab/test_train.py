@@ -95,7 +95,7 @@ def test_turn_readout_matches_bridge_hook():
 
 
 def test_last_layer_at_loss_positions_equals_full_pass():
-    # The training pass runs the last layer only where the loss is taken; outputs and the
+    # The training pass runs the last layer only where the loss is taken. Its outputs and the
     # bridge's gradients must equal those of the full pass at those positions.
     model, _ = make_tiny_llama(seed=1)
     checkpoint = new_checkpoint(model.config)

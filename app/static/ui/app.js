@@ -80,12 +80,12 @@ async function readEvents(response, onEvent) {
 function addMessage(role, text) {
   const item = document.createElement("li");
   item.className = role;
-  const who = document.createElement("span");
-  who.className = "who";
-  who.textContent = role === "user" ? "You" : "Assistant";
+  const speaker = document.createElement("span");
+  speaker.className = "who";
+  speaker.textContent = role === "user" ? "You" : "Assistant";
   const body = document.createElement("span");
   body.textContent = text;
-  item.append(who, body);
+  item.append(speaker, body);
   $("messages").append(item);
   item.scrollIntoView({ block: "end" });
   return body;
@@ -142,8 +142,8 @@ async function send(text) {
   }
 }
 
-// Follows the session's events; reconnects 2 s after a dropped stream or a server error,
-// and stops on the session's 404 (not stored yet) or on another client error.
+// Follows the session's events and reconnects 2 s after a dropped stream or a server error.
+// It stops on the session's 404 (not stored yet) and on other client errors.
 function watch(sessionId) {
   if (page.watcher) page.watcher.abort();
   const controller = new AbortController();
@@ -264,6 +264,7 @@ function drawChart() {
   const first = points.length ? points[0].turn : 1;
   const x = (turn) => left + (turns === first ? 0.5 : (turn - first) / (turns - first)) * (width - left - right);
   const y = (value) => top + (high - value) / (high - low) * (height - top - bottom);
+
   for (const value of [low, 0, 1, high].filter((v, i, all) => all.indexOf(v) === i)) {
     chart.append(svgElement("line", { x1: left, x2: width - right, y1: y(value), y2: y(value),
                                       stroke: "#c9d1d9", "stroke-dasharray": value === 0 ? "" : "3 3" }));
@@ -271,6 +272,7 @@ function drawChart() {
   }
   chart.append(svgElement("text", { x: width - right, y: height - 6, "font-size": 11, fill: "#4a5561",
                                     "text-anchor": "end" }, "turn"));
+
   // Dash patterns as well as colours, so the series stay apart without colour vision.
   const styles = [["valence", "#0b7a3e", ""], ["arousal", "#b3261e", "7 4"], ["distance", "#5b3cc4", "2 3"]];
   for (const [name, color, dashes] of styles) {

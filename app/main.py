@@ -28,25 +28,23 @@ from app.store import StateStore, create_store
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "senab" / "weights"
 UI_DIRECTORY = Path(__file__).resolve().parent / "static" / "ui"
 
 
 def load_served_model(settings: Settings) -> ServedModel:
     """Load the base model and the bridge checkpoint named by the settings."""
-    from senab.bridge import load_checkpoint, new_checkpoint
+    from senab.bridge import checkpoint_for_model
     from senab.models import load_model
 
     home = Path(settings.home).expanduser() if settings.home else None
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, home=home)
-    if settings.bridge:
-        checkpoint = load_checkpoint(settings.bridge)
+    checkpoint, origin = checkpoint_for_model(loaded.name, loaded.model.config, path=settings.bridge or None,
+                                              base_digest=loaded.digest)
+    if origin == "path":
         logger.info("bridge checkpoint %s loaded from %s", checkpoint.checkpoint_id, settings.bridge)
-    elif (SHIPPED_WEIGHTS / loaded.name / "manifest.json").exists():
-        checkpoint = load_checkpoint(SHIPPED_WEIGHTS / loaded.name)
+    elif origin == "shipped":
         logger.info("shipped bridge checkpoint %s loaded for %s", checkpoint.checkpoint_id, loaded.name)
     else:
-        checkpoint = new_checkpoint(loaded.model.config, base_model=loaded.name, base_digest=loaded.digest)
         logger.info("no trained bridge checkpoint for %s: serving untrained checkpoint %s with its write-out at "
                     "zero, so replies equal the base model's while session states still move",
                     loaded.name, checkpoint.checkpoint_id)

@@ -435,6 +435,26 @@ def new_checkpoint(model_config: Any, *, seed: int = 0, base_model: str = "",
     return Checkpoint(bridge=bridge, homeostasis=Homeostasis(), base_model=base_model, base_digest=base_digest)
 
 
+# Trained checkpoints shipped inside the package, one directory per base model name.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def checkpoint_for_model(model_name: str, model_config: Any, *, path: str | Path | None = None,
+                         base_digest: str | None = None) -> tuple[Checkpoint, str]:
+    """Return the checkpoint to serve with a base model, and where it came from.
+
+    `path` when given; else the checkpoint shipped for `model_name`; else an untrained one
+    (write-out at zero, so replies equal the base model's while states still move). The
+    second value is "path", "shipped" or "untrained".
+    """
+    if path is not None:
+        return load_checkpoint(path), "path"
+    shipped = SHIPPED_WEIGHTS / model_name
+    if (shipped / MANIFEST_FILE).exists():
+        return load_checkpoint(shipped), "shipped"
+    return new_checkpoint(model_config, base_model=model_name, base_digest=base_digest), "untrained"
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Load a checkpoint directory (bridge.safetensors + manifest.json) and verify its id."""
     directory = Path(directory)

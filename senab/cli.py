@@ -59,7 +59,9 @@ def _train(args: argparse.Namespace) -> int:
     for method, path in finals.items():
         print(f"{method}: {path}")
     if args.ship and "senab" in finals:
-        target = Path(__file__).resolve().parent / "weights" / model_name
+        from senab.bridge import SHIPPED_WEIGHTS
+
+        target = SHIPPED_WEIGHTS / model_name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(finals["senab"], target)
@@ -83,6 +85,110 @@ def _eval(args: argparse.Namespace) -> int:
     command = "senab eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "senab eval"
     evaluate_run(load, run_dir, Path(args.out), command=command, test_windows=args.test_windows)
     print(Path(args.out) / "evaluation.md")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+    import warnings
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from senab.bridge import CheckpointError, checkpoint_for_model
+    from senab.compare import (DEFAULT_RUN_DIRS, Comparison, answers_json, describe_settings, find_adapters,
+                               render_columns)
+    from senab.generation import SamplingParams
+    from senab.models import ModelError, load_model
+
+    if not args.verbose:
+        logging.getLogger("senab").setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()
+        # peft's adapter loading calls a transformers API that warns of its own deprecation.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.width is not None and args.width < 40:
+        print(f"error: --width {args.width} is too narrow; use at least 40", file=sys.stderr)
+        return 2
+
+    def load():
+        return load_model(args.model, device=args.device, dtype=args.dtype, home=_home(args))
+
+    try:
+        first = load()
+        checkpoint, origin = checkpoint_for_model(first.name, first.model.config, path=args.bridge,
+                                                  base_digest=first.digest)
+    except (ModelError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    run_dir, adapters = find_adapters(Path(args.run) if args.run else None)
+    if not adapters:
+        where = run_dir if run_dir is not None else " or ".join(str(d) for d in DEFAULT_RUN_DIRS)
+        print(f"note: no LoRA or IA3 adapter in {where}; `make train` trains them", file=sys.stderr)
+    copies = [first.model]
+    try:
+        comparison = Comparison(lambda: copies.pop() if copies else load().model, first.tokenizer, checkpoint,
+                                adapters, sampling)
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"error: cannot load the compared models: {exc}", file=sys.stderr)
+        return 1
+
+    bridge = checkpoint.checkpoint_id + (" (untrained: replies equal the base model's)" if origin == "untrained" else "")
+    header = {"model": first.name, "device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."),
+              "checkpoint": checkpoint.checkpoint_id, "checkpoint_trained": origin != "untrained",
+              "adapters": {m: str(p) for m, p in adapters.items()},
+              "sampling": {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
+                           "top_p": sampling.top_p, "seed": sampling.seed}}
+    width = args.width or min(100, shutil.get_terminal_size((100, 24)).columns)
+    if not args.json:
+        print(textwrap.fill(f"{first.name} on {header['device']} ({header['dtype']}); bridge {bridge}", width))
+        print(textwrap.fill(f"sampling: {describe_settings(sampling)}; same settings and seed in every column",
+                            width))
+
+    def answer(prompt: str) -> None:
+        turn = comparison.turn + 1
+        answers = comparison.ask(prompt)
+        if args.json:
+            print(answers_json(prompt, turn, answers, header), flush=True)
+        else:
+            print("\n" + textwrap.fill(f"turn {turn}: {prompt}", width) + "\n")
+            print(render_columns(answers, width), flush=True)
+
+    if args.prompt is not None:
+        try:
+            answer(args.prompt)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive and not args.json:
+        print("Type a message; /reset starts a new conversation, /quit or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt == "/quit":
+            break
+        if prompt == "/reset":
+            comparison.reset()
+            if not args.json:
+                print("new conversation; SENAB's state is back at the set-point")
+            continue
+        answer(prompt)
     return 0
 
 
@@ -174,6 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(evaluate)
     evaluate.add_argument("--test-windows", type=int, help="test windows for perplexity (default: as trained)")
     evaluate.set_defaults(func=_eval)
+
+    compare = commands.add_parser(
+        "compare", help="answer a prompt side by side with the base model, SENAB and trained adapters",
+        description="Answer one prompt (or, without one, each line read from the terminal or stdin, as one "
+                    "conversation) with the base model, SENAB and the LoRA / IA3 adapters of a training run, "
+                    "with the same sampling settings and seed in every column.")
+    compare.add_argument("prompt", nargs="?", help="the user message; omit it for a prompt loop")
+    _add_model_arguments(compare)
+    compare.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
+    compare.add_argument("--bridge", help="bridge checkpoint directory (default: the one shipped for the model)")
+    compare.add_argument("--run", help="`senab train` run directory with lora/ and ia3/ adapters "
+                                       "(default: runs/smollm2, then runs/default)")
+    compare.add_argument("--max-tokens", type=int, default=128, help="tokens per reply (default 128)")
+    compare.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    compare.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    compare.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every column (default 0)")
+    compare.add_argument("--width", type=int, help="output width in characters (default: terminal width, at most 100)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of columns")
+    compare.add_argument("--verbose", action="store_true", help="show model loading logs")
+    compare.set_defaults(func=_compare)
 
     bridge = commands.add_parser("bridge", help="inspect bridge checkpoints")
     bridge_commands = bridge.add_subparsers(dest="bridge_command", required=True)

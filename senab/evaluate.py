@@ -5,9 +5,11 @@ Metrics, all on data the training never saw:
 - perplexity of the reply tokens of the test windows (SENAB runs each turn with its
   evolving state, as served);
 - Distinct-1/2 of replies sampled for `CREATIVE_PROMPTS` (fixed seeds);
+- semantic similarity and ROUGE-L F1 of greedy answers to `senab.qa.QA_PAIRS`;
 - SENAB only: valence tracking (Pearson r between the valence after each test turn and the
   VADER score of that turn's user message), homeostasis half-life on `SCRIPTED_CONVERSATION`,
-  and style separation (silhouette of turn readouts for formal, casual and poetic prompts).
+  style separation (silhouette of turn readouts for formal, casual and poetic prompts), and
+  the state trajectories of `senab.trajectories` (per turn, per token, style jump).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from senab.data import Window, encode_window, vader_scores
 from senab.experiment import DataConfig, prepare_data
 from senab.generation import GenerationRequest, Generator, SamplingParams
 from senab.prompt import build_prompt
+from senab.qa import QAScorer, answer_questions
 from senab.stack import lower_hidden
 from senab.state import Homeostasis
-from senab.train import LowerCache, pearson, senab_window_pass, state_chain, turn_readout
+from senab.train import LowerCache, load_baseline, pearson, senab_window_pass, state_chain, turn_readout
+from senab.trajectories import json_ready, pca, style_jump, token_states
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,9 @@ class MethodScores:
     perplexity: float = math.nan
     distinct_1: float = math.nan
     distinct_2: float = math.nan
+    semantic_similarity: float = math.nan
+    rouge_l: float = math.nan
+    qa_by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,7 +199,8 @@ def scripted_trajectory(model, tokenizer, checkpoint, probe) -> dict[str, Any]:
     baseline = distances[HOSTILE_TURN - 1]
     recovery = next((k - HOSTILE_TURN for k in range(HOSTILE_TURN + 1, len(distances))
                      if distances[k] - baseline <= (peak - baseline) / 2), None)
-    return {"distances": distances, "arousal": [math.tanh(d / checkpoint.arousal_scale) for d in distances],
+    return {"states": states, "distances": distances,
+            "arousal": [math.tanh(d / checkpoint.arousal_scale) for d in distances],
             "valence": valences, "vader": [t.valence for t in window.turns],
             "distance_rises": distances[HOSTILE_TURN] > distances[HOSTILE_TURN - 1],
             "half_life_turns": half_life, "excess_half_life_turns": recovery}
@@ -242,15 +250,13 @@ def growth_trace(model, tokenizer, checkpoint) -> tuple[list[np.ndarray], list[s
     with torch.no_grad():
         x0 = bridge.seed_lattice(hidden[:, :turn.reply_end], bridge.set_point.unsqueeze(0))
         bridge.cell.grow(x0, trace=trace)
-    tokens = tokenizer.convert_ids_to_tokens(window.ids[:turn.reply_end])
-    tokens = [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in tokens]
-    return [t[0, turn.user_start:].cpu().numpy() for t in trace], tokens[turn.user_start:]
+    return ([t[0, turn.user_start:].cpu().numpy() for t in trace],
+            readable_tokens(tokenizer, window.ids[turn.user_start:turn.reply_end]))
 
 
 def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windows: int | None = None,
                  progress: bool = True) -> Report:
     """Evaluate every method trained in `run_dir`; write `evaluation.md` and plots to `out_dir`."""
-    from peft import PeftModel
     from tqdm import tqdm
 
     from senab import report as render
@@ -269,6 +275,7 @@ def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windo
     report = Report()
     methods = ["base"] + [m for m in ("senab", "lora", "ia3") if (run_dir / m / "final").exists()]
     bar = tqdm(methods, desc="evaluate", disable=not progress)
+    scorer = QAScorer()
 
     for method in bar:
         bar.set_postfix(method=method)
@@ -292,19 +299,29 @@ def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windo
             generator = Generator(model, tokenizer, handle)
             session = checkpoint.bridge.set_point.detach().cpu().numpy()
             replies = sample_replies(generator, tokenizer, CREATIVE_PROMPTS, session=session)
+            answers = answer_questions(generator, tokenizer, session=session)
+            timing = checkpoint.metrics.get("timing", {})
+            if "preprocessing_seconds" in timing:
+                report.senab["preprocessing_seconds"] = timing["preprocessing_seconds"]
             report.senab.update(_senab_state_metrics(model, tokenizer, checkpoint, data.test, cache, generator,
                                                      out_dir, report))
         else:
             if method in ("lora", "ia3"):
-                model = PeftModel.from_pretrained(model, str(run_dir / method / "final" / "adapter")).merge_and_unload()
+                model = load_baseline(model, run_dir / method / "final" / "adapter")
             scores.perplexity = plain_perplexity(model, data.test)
-            replies = sample_replies(Generator(model, tokenizer), tokenizer, CREATIVE_PROMPTS, session=None)
+            generator = Generator(model, tokenizer)
+            replies = sample_replies(generator, tokenizer, CREATIVE_PROMPTS, session=None)
+            answers = answer_questions(generator, tokenizer)
         scores.distinct_1 = distinct_n(replies, 1)
         scores.distinct_2 = distinct_n(replies, 2)
+        qa = scorer.score(answers)
+        scores.semantic_similarity, scores.rouge_l, scores.qa_by_kind = qa.semantic_similarity, qa.rouge_l, qa.by_kind
         report.methods.append(scores)
         (out_dir / "samples").mkdir(exist_ok=True)
         (out_dir / "samples" / f"{method}.json").write_text(
             json.dumps(dict(zip(CREATIVE_PROMPTS, replies)), indent=1, ensure_ascii=False) + "\n")
+        (out_dir / "samples" / f"qa-{method}.json").write_text(
+            json.dumps(qa.per_question, indent=1, ensure_ascii=False) + "\n")
         logger.info("evaluated %s in %.0f s: perplexity %.3f", method, time.perf_counter() - started,
                     scores.perplexity)
 
@@ -316,7 +333,8 @@ def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windo
         report.senab["step_ratio"] = senab.seconds_per_step / lora.seconds_per_step
     if histories:
         render.plot_losses(histories, out_dir / "training-loss.png")
-        report.plots["losses"] = "training-loss.png"
+        render.plot_costs([vars(m) for m in report.methods], out_dir / "method-costs.png")
+        report.plots.update({"losses": "training-loss.png", "costs": "method-costs.png"})
 
     (out_dir / "evaluation.json").write_text(json.dumps({
         "methods": [vars(m) for m in report.methods], "senab": report.senab, "data": data_record,
@@ -348,11 +366,35 @@ def _senab_state_metrics(model, tokenizer, checkpoint, windows: list[Window], ca
     points, styles = style_readouts(model, tokenizer, checkpoint, generator)
     trace, tokens = growth_trace(model, tokenizer, checkpoint)
 
+    per_token, reply_offset, token_labels = hostile_turn_token_states(model, tokenizer, checkpoint, scripted)
+    jump = style_jump(generator, tokenizer, checkpoint)
+
     render.plot_trajectory(scripted, HOSTILE_TURN, out_dir / "affect-trajectory.png")
+    render.plot_state_paths(pca(np.stack(scripted["states"])), HOSTILE_TURN, pca(per_token), token_labels,
+                            reply_offset, out_dir / "state-trajectory-3d.png")
+    render.plot_style_jump(jump, pca(np.stack([t["state"] for t in jump])), out_dir / "style-jump.png")
     render.plot_styles(points, styles, out_dir / "style-scatter.png")
     render.plot_growth(trace, tokens, out_dir / "nca-growth.png")
-    report.plots.update({"trajectory": "affect-trajectory.png", "styles": "style-scatter.png",
-                         "growth": "nca-growth.png"})
+    report.plots.update({"trajectory": "affect-trajectory.png", "state_paths": "state-trajectory-3d.png",
+                         "style_jump": "style-jump.png", "styles": "style-scatter.png", "growth": "nca-growth.png"})
     return {"valence_r": pearson(predicted, labels) if checkpoint.probe is not None else math.nan,
             "scripted": scripted, "silhouette": silhouette(points, styles), "alpha": law.alpha, "beta": law.beta,
-            "checkpoint": checkpoint.checkpoint_id}
+            "checkpoint": checkpoint.checkpoint_id,
+            "style_jump": [{k: v for k, v in t.items() if k != "state"} for t in json_ready(jump)]}
+
+
+def hostile_turn_token_states(model, tokenizer, checkpoint, scripted: dict[str, Any]) -> tuple[np.ndarray, int,
+                                                                                                list[str]]:
+    """Return the per-token states of the scripted hostile turn, the reply's offset in them,
+    and the tokens as text."""
+    window = encode_window(tokenizer, "scripted", SCRIPTED_CONVERSATION, [0.0] * len(SCRIPTED_CONVERSATION))
+    hidden = lower_hidden(model, window.ids, checkpoint.bridge.config.first_layer)
+    before = torch.as_tensor(scripted["states"][HOSTILE_TURN - 1], device=hidden.device)
+    states, offset = token_states(checkpoint, window, hidden, HOSTILE_TURN, before)
+    turn = window.turns[HOSTILE_TURN]
+    return states, offset, readable_tokens(tokenizer, window.ids[turn.user_start:turn.reply_end])
+
+
+def readable_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """Token strings for plot labels, with byte-level BPE's space and newline marks undone."""
+    return [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in tokenizer.convert_ids_to_tokens(ids)]

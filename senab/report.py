@@ -91,6 +91,98 @@ def plot_losses(histories: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+STYLE_COLOURS = {"academic": "tab:blue", "child": "tab:orange", "poetic": "tab:green"}
+
+
+def _path_3d(ax, points: np.ndarray, explained: np.ndarray, labels: list[str], colours: list[str]) -> None:
+    ax.plot(points[:, 0], points[:, 1], points[:, 2], color="grey", alpha=0.5)
+    ax.scatter(points[:, 0], points[:, 1], points[:, 2], c=colours, s=30, depthshade=False)
+    for point, label in zip(points, labels):
+        if label:
+            ax.text(point[0], point[1], point[2], label, fontsize=7)
+    for axis, (name, share) in zip("xyz", enumerate(explained, 1)):
+        getattr(ax, f"set_{axis}label")(f"PC {name} ({share:.0%})", fontsize=8)
+    ax.tick_params(labelsize=6)
+
+
+def plot_state_paths(turns: tuple[np.ndarray, np.ndarray], hostile_turn: int,
+                     tokens: tuple[np.ndarray, np.ndarray], token_labels: list[str], reply_offset: int,
+                     path: Path) -> None:
+    """3-D PCA paths of the state: after each turn of a conversation, and after each token of one turn."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(12, 5.5))
+    points, explained = turns
+    ax = fig.add_subplot(1, 2, 1, projection="3d")
+    colours = ["tab:red" if i == hostile_turn else "tab:blue" for i in range(len(points))]
+    _path_3d(ax, points, explained, [f"turn {i + 1}" for i in range(len(points))], colours)
+    ax.set_title("State after each turn (red: the hostile turn)", fontsize=10)
+    points, explained = tokens
+    ax = fig.add_subplot(1, 2, 2, projection="3d")
+    colours = ["tab:grey" if i < reply_offset else "tab:purple" for i in range(len(points))]
+    stride = max(1, len(points) // 12)
+    labels = [token_labels[i] if i % stride == 0 or i == len(points) - 1 else "" for i in range(len(points))]
+    _path_3d(ax, points, explained, labels, colours)
+    ax.set_title("State after each token of the hostile turn\n(grey: user message, purple: reply)", fontsize=10)
+    fig.suptitle("Session state trajectories, projected on their first three principal components")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_style_jump(turns: list[dict[str, Any]], projected: tuple[np.ndarray, np.ndarray], path: Path) -> None:
+    """A style-jump conversation: its 3-D state path and its affect over turns."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(12, 5))
+    points, explained = projected
+    ax = fig.add_subplot(1, 2, 1, projection="3d")
+    _path_3d(ax, points, explained, [f"{i + 1}" for i in range(len(points))],
+             [STYLE_COLOURS.get(t["style"], "black") for t in turns])
+    ax.set_title("State after each turn (PCA)", fontsize=10)
+    ax = fig.add_subplot(1, 2, 2)
+    x = np.arange(1, len(turns) + 1)
+    ax.plot(x, [t["distance"] for t in turns], marker="o", label="distance to set-point")
+    ax.plot(x, [t["arousal"] for t in turns], marker="s", label="arousal")
+    if all(t["valence"] is not None for t in turns):
+        ax.plot(x, [t["valence"] for t in turns], marker="^", label="valence")
+    for i, turn in enumerate(turns):
+        ax.axvspan(i + 0.5, i + 1.5, color=STYLE_COLOURS.get(turn["style"], "white"), alpha=0.12, lw=0)
+    handles, _ = ax.get_legend_handles_labels()
+    from matplotlib.patches import Patch
+
+    handles += [Patch(color=c, alpha=0.3, label=f"{s} request") for s, c in STYLE_COLOURS.items()]
+    ax.legend(handles=handles, fontsize=7)
+    ax.set_xlabel("turn")
+    ax.set_xticks(x)
+    ax.set_title("Affect over the turns", fontsize=10)
+    fig.suptitle("Style jump: academic, then child-directed, then poetic requests about one topic")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_costs(methods: list[dict[str, Any]], path: Path) -> None:
+    """Trainable parameters (log scale) and training time per method."""
+    plt = _pyplot()
+    trained = [m for m in methods if m.get("trainable_parameters")]
+    names = [m["name"] for m in trained]
+    colours = ["tab:purple" if n == "SENAB" else "tab:grey" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = ((axes[0], [m["trainable_parameters"] for m in trained], "trainable parameters (log scale)", "{:,.0f}"),
+              (axes[1], [m.get("seconds_per_step") or 0 for m in trained], "seconds per step", "{:.2f}"),
+              (axes[2], [m.get("train_seconds") or 0 for m in trained], "training seconds (steps only)", "{:.0f}"))
+    for ax, values, title, fmt in panels:
+        bars = ax.bar(names, values, color=colours)
+        for bar, value in zip(bars, values):
+            ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_yscale("log")
+    fig.suptitle("Cost of each method on the same data, steps and batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -134,13 +226,139 @@ def target_rows(methods: list[dict[str, Any]], senab: dict[str, Any]) -> list[st
     return rows
 
 
+# (section title, key in Report.plots, file name), in the report's order.
+PLOTS = (
+    ("Training loss", "losses", "training-loss.png"),
+    ("Cost of each method", "costs", "method-costs.png"),
+    ("Affect trajectory", "trajectory", "affect-trajectory.png"),
+    ("State trajectory in 3-D", "state_paths", "state-trajectory-3d.png"),
+    ("Style jump", "style_jump", "style-jump.png"),
+    ("Style scatter", "styles", "style-scatter.png"),
+    ("NCA growth", "growth", "nca-growth.png"),
+)
+
+# The original notebook's numbers (DESIGN.md section 2): TinyLlama-1.1B-Chat, 1,000 Alpaca examples.
+ORIGINAL = {
+    "parameters": (34_753, 3_244_032),
+    "train_seconds": (439, 798),
+    "perplexity": (4.62, 4.54, 3.95),  # base, SENAB, LoRA
+    "distinct_2": (0.995, 0.925),  # SENAB, LoRA; 5 creative prompts
+    "semantic_similarity": (0.70, 0.72),  # SENAB, LoRA; 10 questions
+    "rouge_l": (0.26, 0.27),
+}
+
+
+def qa_lines(methods: list[dict[str, Any]]) -> list[str]:
+    """The question-answering table by kind of question, when the scores are present."""
+    scored = [m for m in methods if m.get("qa_by_kind")]
+    if not scored:
+        return []
+    kinds = list(scored[0]["qa_by_kind"])
+    lines = ["Question answering (greedy, the project's 32 questions; semantic similarity / ROUGE-L F1 against "
+             "the reference answer; replies in samples/qa-*.json):", "",
+             "| method | " + " | ".join(kinds) + " | all |",
+             "| --- |" + " ---: |" * (len(kinds) + 1)]
+    for m in scored:
+        cells = [f"{_fmt(m['qa_by_kind'][k]['semantic_similarity'], 2)} / {_fmt(m['qa_by_kind'][k]['rouge_l'], 2)}"
+                 for k in kinds]
+        cells.append(f"{_fmt(m['semantic_similarity'], 2)} / {_fmt(m['rouge_l'], 2)}")
+        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def original_comparison(methods: list[dict[str, Any]], senab: dict[str, Any]) -> list[str]:
+    """The section that checks the original's reported effects against this run's numbers."""
+    by_name = {m["name"]: m for m in methods}
+    base, bridge, lora = by_name.get("base"), by_name.get("SENAB"), by_name.get("LoRA r=32")
+    if not (base and bridge and lora):
+        return []
+    o = ORIGINAL
+    rows = []
+
+    def row(effect: str, original: str, here: str, holds: bool | None, why: str) -> None:
+        verdict = "n/a" if holds is None else ("holds" if holds else "does not hold")
+        rows.append(f"| {effect} | {original} | {here} | {verdict} | {why} |")
+
+    if bridge.get("trainable_parameters") and lora.get("trainable_parameters"):
+        share = bridge["trainable_parameters"] / lora["trainable_parameters"]
+        row("SENAB trains far fewer parameters than LoRA",
+            f"{o['parameters'][0]:,} vs {o['parameters'][1]:,} ({o['parameters'][0] / o['parameters'][1]:.1%})",
+            f"{bridge['trainable_parameters']:,} vs {lora['trainable_parameters']:,} ({share:.1%})", share < 0.1,
+            "Exact counts. The bridge's size depends on the hidden and key/value widths, not on the layer count, "
+            "while LoRA adds rank-32 factors to every layer.")
+    if bridge.get("train_seconds") and lora.get("train_seconds"):
+        steps_ratio = bridge["train_seconds"] / lora["train_seconds"]
+        pre = senab.get("preprocessing_seconds")
+        with_pre = (bridge["train_seconds"] + pre) / lora["train_seconds"] if pre else None
+        here = f"{bridge['train_seconds']:.0f} s vs {lora['train_seconds']:.0f} s of steps ({steps_ratio:.2f})"
+        why = ("Autograd stops at the first bridged layer, so a SENAB step costs about "
+               f"{senab.get('step_ratio', steps_ratio):.2f} of a LoRA step.")
+        if with_pre is not None:
+            here += f"; {with_pre:.2f} with SENAB's {pre:.0f} s of caching layer inputs"
+            why += (" The original counts no preprocessing; here the frozen layers' outputs are computed once per "
+                    "window before training" + (", which makes the whole SENAB run slower than LoRA's at 400 steps "
+                                                "(the cache pays off only over more epochs)." if with_pre >= 1
+                                                else " and the run stays faster overall."))
+        row("SENAB trains faster than LoRA", f"{o['train_seconds'][0]} s vs {o['train_seconds'][1]} s "
+            f"({o['train_seconds'][0] / o['train_seconds'][1]:.2f})", here, steps_ratio < 1, why)
+    if base.get("perplexity") and bridge.get("perplexity") and lora.get("perplexity"):
+        ob, os_, ol = o["perplexity"]
+        gap = (base["perplexity"] - bridge["perplexity"]) / (base["perplexity"] - lora["perplexity"])
+        row("SENAB lowers perplexity, LoRA lowers it more",
+            f"{ob} / {os_} / {ol} (base / SENAB / LoRA; {(ob - os_) / (ob - ol):.0%} of the gap)",
+            f"{base['perplexity']:.1f} / {bridge['perplexity']:.1f} / {lora['perplexity']:.1f} ({gap:.0%} of the gap)",
+            base["perplexity"] > bridge["perplexity"] > lora["perplexity"],
+            "The bridge changes only keys and values of the last layers through 32 channels; LoRA changes every "
+            "layer's keys and values. Both were trained on the same chitchat windows.")
+    if bridge.get("distinct_2") is not None and lora.get("distinct_2") is not None:
+        higher = bridge["distinct_2"] > lora["distinct_2"]
+        why = (f"30 prompts with fixed sampling seeds (the original used 5). The base model scores "
+               f"{base['distinct_2']:.3f}: ")
+        why += ("both trained models repeat more than the base model, LoRA the most; the bridge does not add "
+                "diversity, it removes less." if base["distinct_2"] >= max(bridge["distinct_2"], lora["distinct_2"])
+                else "SENAB's replies are more varied than the base model's.")
+        row("SENAB's replies are more diverse (Distinct-2)",
+            f"{o['distinct_2'][0]} vs {o['distinct_2'][1]}",
+            f"{bridge['distinct_2']:.3f} vs {lora['distinct_2']:.3f}", higher, why)
+    for key, name in (("semantic_similarity", "semantic similarity"), ("rouge_l", "ROUGE-L F1")):
+        if bridge.get(key) is None or lora.get(key) is None or base.get(key) is None:
+            continue
+        close = abs(bridge[key] - lora[key]) <= 0.05
+        row(f"SENAB matches LoRA on question answering ({name})", f"{o[key][0]} vs {o[key][1]}",
+            f"{bridge[key]:.2f} vs {lora[key]:.2f} (base {base[key]:.2f})", close,
+            "32 questions, greedy. Every method was trained on chitchat only, which teaches no answers; "
+            + ("SENAB stays within 0.05 of LoRA." if close else
+               "SENAB falls behind: its replies to questions drift toward chitchat (samples/qa-senab.json)."
+               if bridge[key] < lora[key] else "SENAB stays closer to the base model's answers than LoRA."))
+    if not rows:
+        return []
+    return ["## The original's reported effects, checked here", "",
+            "The original notebook reports these on TinyLlama-1.1B-Chat with 1,000 Alpaca examples; this run uses "
+            "SmolLM2-135M-Instruct and chitchat, so the effects are compared, not the values. A verdict is "
+            "computed from this run's numbers.", "",
+            "| effect | original | here | verdict | why |", "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def style_jump_lines(turns: list[dict[str, Any]]) -> list[str]:
+    lines = ["| turn | request | reply (start) | valence | arousal | distance |",
+             "| ---: | --- | --- | ---: | ---: | ---: |"]
+    for i, t in enumerate(turns, 1):
+        reply = " ".join(t["reply"].split())
+        reply = (reply[:90] + "...") if len(reply) > 90 else reply
+        lines.append(f"| {i} | {t['style']}: {t['user']} | {reply.replace('|', '/')} | {_fmt(t['valence'], 2)} | "
+                     f"{_fmt(t['arousal'], 2)} | {_fmt(t['distance'], 2)} |")
+    return lines + [""]
+
+
 def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> str:
-    rows = ["| method | trainable parameters | s / step | training s | test perplexity | Distinct-1 | Distinct-2 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| method | trainable parameters | s / step | training s | test perplexity | Distinct-1 | Distinct-2 "
+            "| QA semantic similarity | QA ROUGE-L F1 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m in report.methods:
         rows.append(f"| {m.name} | {_fmt(m.trainable_parameters)} | {_fmt(m.seconds_per_step, 2)} | "
                     f"{_fmt(m.train_seconds, 0)} | {_fmt(m.perplexity)} | {_fmt(m.distinct_1)} | "
-                    f"{_fmt(m.distinct_2)} |")
+                    f"{_fmt(m.distinct_2)} | {_fmt(getattr(m, 'semantic_similarity', None))} | "
+                    f"{_fmt(getattr(m, 'rouge_l', None))} |")
     s = report.senab
     lines = [
         "# Evaluation",
@@ -179,10 +397,13 @@ def markdown(report, *, command: str, hardware: str, data: dict[str, Any]) -> st
         *target_rows([vars(m) for m in report.methods], s),
         "",
     ]
-    for title, name in (("Training loss", "losses"), ("Affect trajectory", "trajectory"),
-                        ("Style scatter", "styles"), ("NCA growth", "growth")):
+    lines += qa_lines([vars(m) for m in report.methods])
+    lines += original_comparison([vars(m) for m in report.methods], s)
+    for title, name, _ in PLOTS:
         if name in report.plots:
             lines += [f"## {title}", "", f"![{title}]({report.plots[name]})", ""]
+            if name == "style_jump" and s.get("style_jump"):
+                lines += style_jump_lines(s["style_jump"])
     return "\n".join(lines)
 
 
@@ -192,9 +413,7 @@ def rewrite_markdown(out_dir: Path, *, command: str, hardware: str) -> None:
     from types import SimpleNamespace
 
     saved = json.loads((out_dir / "evaluation.json").read_text())
-    plots = {name: file for name, file in (("losses", "training-loss.png"), ("trajectory", "affect-trajectory.png"),
-                                           ("styles", "style-scatter.png"), ("growth", "nca-growth.png"))
-             if (out_dir / file).exists()}
+    plots = {name: file for _, name, file in PLOTS if (out_dir / file).exists()}
     report = SimpleNamespace(methods=[SimpleNamespace(**m) for m in saved["methods"]], senab=saved["senab"],
                              plots=plots)
     (out_dir / "evaluation.md").write_text(markdown(report, command=command, hardware=hardware, data=saved["data"]))

@@ -275,6 +275,13 @@ def attach_baseline(model, method: Method, rank: int):
     return get_peft_model(model, config)
 
 
+def load_baseline(model, adapter_dir: str | Path):
+    """Return `model` with the peft adapter saved in `adapter_dir` merged into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
 class Trainer:
     """One training run: its model, parameters, optimizer, schedule and checkpoints."""
 

@@ -215,9 +215,19 @@ def test_pipeline_end_to_end(tmp_path):
     assert all(m.perplexity > 1 for m in report.methods)
     text = (tmp_path / "docs" / "evaluation.md").read_text()
     assert "| SENAB | 22,025 |" in text
-    for plot in ("training-loss.png", "affect-trajectory.png", "style-scatter.png", "nca-growth.png"):
+    for plot in ("training-loss.png", "method-costs.png", "affect-trajectory.png", "state-trajectory-3d.png",
+                 "style-jump.png", "style-scatter.png", "nca-growth.png"):
         assert (tmp_path / "docs" / plot).stat().st_size > 1000, plot
+        assert f"]({plot})" in text, plot
     assert -1 <= report.senab["valence_r"] <= 1
+    for method in report.methods:
+        assert -1 <= method.semantic_similarity <= 1 and 0 <= method.rouge_l <= 1, method.name
+        assert set(method.qa_by_kind) == {"fact", "arithmetic", "definition", "instruction"}
+    answered = json.loads((tmp_path / "docs" / "samples" / "qa-senab.json").read_text())
+    assert len(answered) == 32 and all(set(a) >= {"question", "reply", "rouge_l"} for a in answered)
+    assert "| QA semantic similarity | QA ROUGE-L F1 |" in text
+    assert "## The original's reported effects, checked here" in text
+    assert len(report.senab["style_jump"]) == 6 and report.senab["style_jump"][0]["style"] == "academic"
 
 
 def test_distinct_n_and_silhouette():

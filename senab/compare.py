@@ -1,0 +1,185 @@
+"""`senab compare`: the same prompt answered side by side by the base model, SENAB and the
+adapters of a training run (LoRA, IA3), with the same sampling settings and seed.
+
+Each column keeps its own conversation, so a prompt loop is a multi-turn chat per column;
+the SENAB column also carries its session state from turn to turn, as the server does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from senab.affect import read_affect
+from senab.bridge import Checkpoint, attach_bridge
+from senab.generation import GenerationRequest, Generator, SamplingParams
+from senab.prompt import build_prompt
+
+LABELS = {"base": "base", "senab": "SENAB", "lora": "LoRA r=32", "ia3": "IA3"}
+ADAPTER_METHODS = ("lora", "ia3")
+# `make train` writes runs/smollm2; a bare `senab train` writes runs/default.
+DEFAULT_RUN_DIRS = (Path("runs/smollm2"), Path("runs/default"))
+
+
+@dataclass
+class Answer:
+    """One column's reply to one prompt."""
+
+    method: str
+    label: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    tokens_per_second: float
+    # SENAB only: the session state's affect after this turn.
+    state: dict[str, Any] | None = None
+
+
+@dataclass
+class _Column:
+    method: str
+    generator: Generator
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_adapters(run_dir: Path | None) -> tuple[Path | None, dict[str, Path]]:
+    """Return the run directory used and the adapter directory of each method trained there.
+
+    With `run_dir` None the default run directories are searched in order; the first one
+    with an adapter wins.
+    """
+    candidates = [run_dir] if run_dir is not None else list(DEFAULT_RUN_DIRS)
+    for candidate in candidates:
+        adapters = {m: candidate / m / "final" / "adapter" for m in ADAPTER_METHODS
+                    if (candidate / m / "final" / "adapter" / "adapter_config.json").exists()}
+        if adapters:
+            return candidate, adapters
+    return run_dir, {}
+
+
+class Comparison:
+    """The columns of a comparison and their conversations.
+
+    `load_model()` returns a fresh copy of the base model; the base and SENAB columns share
+    one copy (the bridge is off for rows without a session), each adapter gets its own copy
+    with the adapter merged into its weights.
+    """
+
+    def __init__(self, load_model: Callable[[], Any], tokenizer, checkpoint: Checkpoint,
+                 adapters: dict[str, Path], sampling: SamplingParams) -> None:
+        from senab.train import load_baseline
+
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.sampling = sampling
+        shared = load_model()
+        self.handle = attach_bridge(shared, checkpoint.bridge)
+        bridged = Generator(shared, tokenizer, self.handle)
+        self.columns = [_Column("base", bridged), _Column("senab", bridged)]
+        for method, adapter_dir in adapters.items():
+            self.columns.append(_Column(method, Generator(load_baseline(load_model(), adapter_dir), tokenizer)))
+        self.set_point = checkpoint.bridge.set_point.detach().float().cpu().numpy()
+        self.state = self.set_point.copy()
+        self.turn = 0
+        self._warm_up()
+
+    @property
+    def methods(self) -> list[str]:
+        return [c.method for c in self.columns]
+
+    def reset(self) -> None:
+        """Start a new conversation in every column; SENAB's state returns to the set-point."""
+        for column in self.columns:
+            column.history.clear()
+        self.state = self.set_point.copy()
+        self.turn = 0
+
+    def ask(self, prompt: str) -> list[Answer]:
+        """Send `prompt` as the next user turn to every column and return their answers."""
+        if not prompt.strip():
+            raise ValueError("the prompt is empty; type a message")
+        # Every column samples with the same settings; a turn's seed is the same in every column.
+        params = self.sampling if self.sampling.seed is None else dataclasses.replace(
+            self.sampling, seed=self.sampling.seed + self.turn)
+        answers = []
+        for column in self.columns:
+            messages = column.history + [("user", prompt)]
+            built = build_prompt(self.tokenizer, messages)
+            session = self.state if column.method == "senab" else None
+            request = GenerationRequest(built.ids, params, session=session, turn_start=built.turn_start)
+            started = time.perf_counter()
+            output = column.generator.generate([request])[0]
+            latency = time.perf_counter() - started
+            answer = Answer(method=column.method, label=LABELS[column.method], text=output.text.strip(),
+                            finish_reason=output.finish_reason, prompt_tokens=output.prompt_tokens,
+                            completion_tokens=output.completion_tokens, latency_s=latency,
+                            tokens_per_second=output.completion_tokens / latency if latency > 0 else 0.0)
+            if column.method == "senab" and output.readout is not None:
+                self.state = self.checkpoint.homeostasis.update(self.state, output.readout, self.set_point)
+                affect = read_affect(self.state, self.set_point, arousal_scale=self.checkpoint.arousal_scale,
+                                     probe=self.checkpoint.probe)
+                answer.state = {"turn": self.turn + 1, **dataclasses.asdict(affect)}
+            column.history = messages + [("assistant", output.text)]
+            answers.append(answer)
+        self.turn += 1
+        return answers
+
+    def _warm_up(self) -> None:
+        """Run one short generation per column so the first one does not pay one-time costs."""
+        built = build_prompt(self.tokenizer, [("user", "Hello")])
+        params = SamplingParams(max_tokens=2, temperature=0)
+        for column in self.columns:
+            session = self.set_point if column.method == "senab" else None
+            column.generator.generate([GenerationRequest(built.ids, params, session=session,
+                                                         turn_start=built.turn_start)])
+
+
+def answers_json(prompt: str, turn: int, answers: list[Answer], header: dict[str, Any]) -> str:
+    """One JSON object per prompt: the settings, then one entry per column."""
+    return json.dumps({**header, "turn": turn, "prompt": prompt,
+                       "columns": [dataclasses.asdict(a) for a in answers]}, ensure_ascii=False)
+
+
+def render_columns(answers: list[Answer], width: int = 100) -> str:
+    """Lay the answers out side by side in at most `width` characters per line."""
+    gap = " | "
+    column_width = max(12, (width - len(gap) * (len(answers) - 1)) // len(answers))
+    blocks = [_block(a, column_width) for a in answers]
+    rule = "-+-".join("-" * column_width for _ in answers)
+    lines = []
+    for section in range(3):  # header, reply, numbers
+        height = max(len(block[section]) for block in blocks)
+        for row in range(height):
+            cells = [block[section][row] if row < len(block[section]) else "" for block in blocks]
+            lines.append(gap.join(cell.ljust(column_width) for cell in cells).rstrip())
+        if section < 2:
+            lines.append(rule)
+    return "\n".join(lines)
+
+
+def _block(answer: Answer, width: int) -> tuple[list[str], list[str], list[str]]:
+    reply = []
+    for paragraph in (answer.text or "(empty reply)").splitlines() or [""]:
+        reply += textwrap.wrap(paragraph, width, break_long_words=True, replace_whitespace=False) or [""]
+    facts = [f"{answer.latency_s:.2f} s, {answer.completion_tokens} tokens",
+             f"{answer.tokens_per_second:.1f} tokens/s, {answer.finish_reason}"]
+    if answer.state is not None:
+        valence = "n/a" if answer.state["valence"] is None else f"{answer.state['valence']:+.2f}"
+        facts.append(f"valence {valence}, arousal {answer.state['arousal']:.2f}, "
+                     f"distance {answer.state['distance']:.2f}")
+    numbers = [line for fact in facts for line in textwrap.wrap(fact, width)]
+    return [answer.label[:width]], reply, numbers
+
+
+def describe_settings(sampling: SamplingParams) -> str:
+    settings = f"temperature {sampling.temperature:g}"
+    if not sampling.greedy:
+        settings += f", top_p {sampling.top_p:g}, seed {sampling.seed}"
+    return settings + f", max_tokens {sampling.max_tokens}"

@@ -1,0 +1,134 @@
+"""`senab compare` on a tiny model, a bridge whose write-out changes replies and a LoRA adapter."""
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from senab.bridge import new_checkpoint
+from senab.cli import main
+from senab.train import attach_baseline
+from tests.helpers import make_tiny_llama
+
+PROMPT = "List three benefits of exercise."
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model, _ = make_tiny_llama(root / "model", seed=0)
+    checkpoint = new_checkpoint(model.config, base_model="model")
+    torch.manual_seed(0)
+    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    adapted = attach_baseline(make_tiny_llama(seed=0)[0], "lora", rank=4)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # zero-initialised by peft: make the adapter change the model
+            torch.nn.init.normal_(parameter, std=0.5)
+    adapted.save_pretrained(root / "run" / "lora" / "final" / "adapter")
+    (root / "empty-run").mkdir()
+    args = ["--model", str(root / "model"), "--bridge", str(root / "bridge"), "--run", str(root / "run"),
+            "--device", "cpu", "--dtype", "float32", "--max-tokens", "6"]
+    return root, args
+
+
+def run_compare(args, capsys, monkeypatch, stdin: str | None = None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(["compare", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_has_one_column_per_method(setup):
+    root, args = setup
+    # The installed command, as a user runs it.
+    result = subprocess.run([sys.executable, "-m", "app.cli", "compare", PROMPT, *args, "--json",
+                             "--temperature", "0.7", "--seed", "5"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    record = json.loads(line)
+    assert record["prompt"] == PROMPT and record["turn"] == 1
+    assert record["sampling"] == {"max_tokens": 6, "temperature": 0.7, "top_p": 0.9, "seed": 5}
+    assert record["checkpoint_trained"] is True and record["dtype"] == "float32"
+    assert [c["method"] for c in record["columns"]] == ["base", "senab", "lora"]
+    keys = {"method", "label", "text", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s",
+            "tokens_per_second", "state"}
+    for column in record["columns"]:
+        assert set(column) == keys
+        assert 1 <= column["completion_tokens"] <= 6 and column["latency_s"] > 0
+        assert column["tokens_per_second"] == pytest.approx(column["completion_tokens"] / column["latency_s"])
+    base, senab, lora = record["columns"]
+    assert base["state"] is None and lora["state"] is None
+    assert senab["state"]["turn"] == 1 and senab["state"]["distance"] > 0
+    assert 0 <= senab["state"]["arousal"] < 1 and senab["state"]["valence"] is None  # no probe in this bridge
+    assert base["prompt_tokens"] == senab["prompt_tokens"] == lora["prompt_tokens"]
+
+
+def test_greedy_columns_differ_by_model(setup, capsys, monkeypatch):
+    _, args = setup
+    code, out, _ = run_compare([PROMPT, *args, "--json", "--temperature", "0"], capsys, monkeypatch)
+    assert code == 0
+    texts = {c["method"]: c["text"] for c in json.loads(out)["columns"]}
+    # The bridge's write-out and the adapter both change the greedy reply.
+    assert texts["senab"] != texts["base"] and texts["lora"] != texts["base"]
+
+
+def test_prompt_loop_carries_state_and_resets(setup, capsys, monkeypatch):
+    _, args = setup
+    code, out, _ = run_compare([*args, "--json", "--temperature", "0"], capsys, monkeypatch,
+                               stdin="Hello\nHow are you?\n\n/reset\nHello\n/quit\nnever read\n")
+    assert code == 0
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["turn"] for r in records] == [1, 2, 1]
+    assert [r["prompt"] for r in records] == ["Hello", "How are you?", "Hello"]
+    states = [r["columns"][1]["state"] for r in records]
+    assert states[1]["distance"] != states[0]["distance"]
+    # After /reset the conversation starts again from the set-point with the same history.
+    assert states[2] == states[0]
+    assert records[1]["columns"][0]["prompt_tokens"] > records[0]["columns"][0]["prompt_tokens"]
+
+
+def test_columns_fit_the_width(setup, capsys, monkeypatch):
+    _, args = setup
+    for width in (100, 60):
+        code, out, _ = run_compare([PROMPT, *args, "--width", str(width)], capsys, monkeypatch)
+        assert code == 0
+        assert max(len(line) for line in out.splitlines()) <= width
+        header = next(line for line in out.splitlines() if line.startswith("base"))
+        assert "SENAB" in header and "LoRA r=32" in header
+        assert "arousal" in out and "tokens/s" in out
+
+
+def test_without_adapters_shows_base_and_senab(setup, capsys, monkeypatch):
+    root, args = setup
+    args = [a if a != str(root / "run") else str(root / "empty-run") for a in args]
+    code, out, err = run_compare([PROMPT, *args, "--json"], capsys, monkeypatch)
+    assert code == 0
+    assert [c["method"] for c in json.loads(out)["columns"]] == ["base", "senab"]
+    assert f"no LoRA or IA3 adapter in {root / 'empty-run'}" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "3"], "temperature must be between 0 and 2, got 3.0"),
+    (["--max-tokens", "0"], "max_tokens must be at least 1, got 0"),
+    (["--width", "10"], "--width 10 is too narrow; use at least 40"),
+])
+def test_bad_settings_name_the_value(setup, capsys, monkeypatch, extra, message):
+    _, args = setup
+    code, out, err = run_compare([PROMPT, *args, *extra], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_missing_bridge_is_a_clear_error(setup, capsys, monkeypatch, tmp_path):
+    _, args = setup
+    args = [*args[:2], "--bridge", str(tmp_path / "nowhere"), *args[4:]]
+    code, _, err = run_compare([PROMPT, *args], capsys, monkeypatch)
+    assert code == 1
+    assert f"bridge checkpoint {tmp_path / 'nowhere'} has no manifest.json" in err

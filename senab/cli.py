@@ -136,7 +136,7 @@ def _compare(args: argparse.Namespace) -> int:
         comparison = Comparison(lambda: copies.pop() if copies else load().model, first.tokenizer, checkpoint,
                                 adapters, sampling)
     except (ModelError, ValueError, OSError) as exc:
-        print(f"error: cannot load the compared models: {exc}", file=sys.stderr)
+        print(f"error: failed to load the compared models: {exc}", file=sys.stderr)
         return 1
 
     bridge = checkpoint.checkpoint_id + (" (untrained: replies equal the base model's)" if origin == "untrained" else "")

@@ -1,8 +1,8 @@
 """`senab compare`: the same prompt answered side by side by the base model, SENAB and the
 adapters of a training run (LoRA, IA3), with the same sampling settings and seed.
 
-Each column keeps its own conversation, so a prompt loop is a multi-turn chat per column;
-the SENAB column also carries its session state from turn to turn, as the server does.
+Each column keeps its own conversation, so a prompt loop is a multi-turn chat per column.
+The SENAB column also carries its session state from turn to turn, as the server does.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def find_adapters(run_dir: Path | None) -> tuple[Path | None, dict[str, Path]]:
 class Comparison:
     """The columns of a comparison and their conversations.
 
-    `load_model()` returns a fresh copy of the base model; the base and SENAB columns share
-    one copy (the bridge is off for rows without a session), each adapter gets its own copy
-    with the adapter merged into its weights.
+    `load_model()` returns a fresh copy of the base model. The base and SENAB columns share
+    one copy, because the bridge is off for rows without a session. Each adapter gets its own
+    copy with the adapter merged into its weights.
     """
 
     def __init__(self, load_model: Callable[[], Any], tokenizer, checkpoint: Checkpoint,
@@ -102,7 +102,7 @@ class Comparison:
         self.turn = 0
 
     def ask(self, prompt: str) -> list[Answer]:
-        """Send `prompt` as the next user turn to every column and return their answers."""
+        """Send `prompt` as the next user turn to every column and return their replies."""
         if not prompt.strip():
             raise ValueError("the prompt is empty; type a message")
         # Every column samples with the same settings; a turn's seed is the same in every column.
@@ -142,13 +142,13 @@ class Comparison:
 
 
 def answers_json(prompt: str, turn: int, answers: list[Answer], header: dict[str, Any]) -> str:
-    """One JSON object per prompt: the settings, then one entry per column."""
+    """Return one JSON object for a prompt: the settings, then one entry per column."""
     return json.dumps({**header, "turn": turn, "prompt": prompt,
                        "columns": [dataclasses.asdict(a) for a in answers]}, ensure_ascii=False)
 
 
 def render_columns(answers: list[Answer], width: int = 100) -> str:
-    """Lay the answers out side by side in at most `width` characters per line."""
+    """Return the replies laid out side by side in at most `width` characters per line."""
     gap = " | "
     column_width = max(12, (width - len(gap) * (len(answers) - 1)) // len(answers))
     blocks = [_block(a, column_width) for a in answers]

@@ -396,5 +396,5 @@ def hostile_turn_token_states(model, tokenizer, checkpoint, scripted: dict[str, 
 
 
 def readable_tokens(tokenizer, ids: list[int]) -> list[str]:
-    """Token strings for plot labels, with byte-level BPE's space and newline marks undone."""
+    """Return token strings for plot labels, with byte-level BPE's space and newline marks undone."""
     return [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in tokenizer.convert_ids_to_tokens(ids)]

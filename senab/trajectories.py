@@ -84,11 +84,11 @@ def pca(points: np.ndarray, components: int = 3) -> tuple[np.ndarray, np.ndarray
     points = np.asarray(points, np.float64)
     centred = points - points.mean(0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    kept = min(components, vt.shape[0])
+    available = min(components, vt.shape[0])
     total = float((singular ** 2).sum())
-    explained = (singular[:kept] ** 2) / total if total > 0 else np.zeros(kept)
-    projected = centred @ vt[:kept].T
-    missing = components - kept
+    explained = (singular[:available] ** 2) / total if total > 0 else np.zeros(available)
+    projected = centred @ vt[:available].T
+    missing = components - available
     return np.pad(projected, ((0, 0), (0, missing))), np.pad(explained, (0, missing))
 
 

@@ -245,6 +245,7 @@ function svgElement(name, attributes, text) {
 
 function draw() {
   drawChart();
+  drawTable();
   drawHeatmap();
   const last = page.points.at(-1);
   $("latest").textContent = last
@@ -272,6 +273,13 @@ function drawChart() {
   }
   chart.append(svgElement("text", { x: width - right, y: height - 6, "font-size": 11, fill: "#4a5561",
                                     "text-anchor": "end" }, "turn"));
+  // Turn numbers under the points, thinned to about ten labels.
+  const step = Math.max(1, Math.ceil(points.length / 10));
+  points.forEach((p, i) => {
+    if (i % step !== 0 && i !== points.length - 1) return;
+    chart.append(svgElement("text", { x: x(p.turn), y: height - 6, "font-size": 11, fill: "#4a5561",
+                                      "text-anchor": "middle", class: "turn-label" }, String(p.turn)));
+  });
 
   // Dash patterns as well as colours, so the series stay apart without colour vision.
   const styles = [["valence", "#0b7a3e", ""], ["arousal", "#b3261e", "7 4"], ["distance", "#5b3cc4", "2 3"]];
@@ -286,6 +294,20 @@ function drawChart() {
       chart.append(dot);
     }
   }
+}
+
+// The chart's values as a table, for screen readers and for reading exact numbers.
+function drawTable() {
+  const format = (value) => (value === null ? "n/a" : value.toFixed(3));
+  $("points-table").tBodies[0].replaceChildren(...page.points.map((p) => {
+    const row = document.createElement("tr");
+    for (const value of [String(p.turn), format(p.valence), format(p.arousal), format(p.distance)]) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      row.append(cell);
+    }
+    return row;
+  }));
 }
 
 function drawHeatmap() {

@@ -1,0 +1,178 @@
+"""The page at /ui in headless Chromium against a real server, Redis and tiny model.
+
+Skipped when no Chromium is installed, unless SENAB_REQUIRE_BROWSER=1 (as in CI), where a
+missing browser fails instead. The screenshot of a two-turn conversation is saved under
+build/test-artifacts/ (or SENAB_TEST_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from senab.bridge import new_checkpoint
+from tests.browser import ARTIFACTS, CONTRAST_SCRIPT, chromium, chromium_path
+from tests.conftest import RedisServer, free_port
+from tests.helpers import ServerProcess, make_tiny_llama
+
+API_KEY = "ui-test-key-0123456789"
+TIMEOUT_MS = 30_000
+
+
+def _require_browser() -> None:
+    missing = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "the playwright package is not installed (pip install -e '.[test]')"
+    if missing is None and chromium_path() is None:
+        missing = "no Chromium executable found (run `make browser`, or set SENAB_CHROMIUM)"
+    if missing is not None:
+        if os.environ.get("SENAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests required but {missing}")
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A private Redis (stopped by the last test) and a server with an API key."""
+    _require_browser()
+    root = tmp_path_factory.mktemp("ui")
+    model, _ = make_tiny_llama(root / "model", seed=0)
+    checkpoint = new_checkpoint(model.config, base_model="model")
+    torch.manual_seed(0)
+    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    redis_server = RedisServer(port=free_port())
+    redis_server.start()
+    env = {"SENAB_MODEL": str(root / "model"), "SENAB_BRIDGE": str(root / "bridge"), "REDIS_URL": redis_server.url,
+           "SENAB_API_KEYS": f"ui:{API_KEY}", "SENAB_DEFAULT_TEMPERATURE": "0", "SENAB_MAX_TOKENS_DEFAULT": "6"}
+    server = None
+    try:
+        server = ServerProcess(env, root / "server.log")
+        with chromium() as browser:
+            yield browser, server, redis_server
+    finally:
+        if server is not None:
+            server.stop()
+        redis_server.stop()
+
+
+def open_page(browser, server, *, key: str | None = API_KEY):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url + "/ui")
+    if key is not None:
+        page.get_by_label("API key", exact=True).fill(key)
+        page.get_by_label("API key", exact=True).press("Enter")
+        expect(page.locator("#status")).to_contain_text("Ready.")
+    return page
+
+
+def send(page, text: str, turns_on_page: int) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator("#messages li.assistant")).to_have_count(turns_on_page)
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+def test_missing_key_is_shown_then_models_load(stack):
+    from playwright.sync_api import expect
+
+    browser, server, _ = stack
+    page = open_page(browser, server, key=None)
+    status = page.locator("#status")
+    expect(status).to_contain_text("Could not list the models: 401")
+    expect(status).to_have_class("error")
+    page.get_by_label("API key", exact=True).fill(API_KEY)
+    page.get_by_label("API key", exact=True).press("Enter")
+    expect(status).to_contain_text("Ready.")
+    expect(status).not_to_have_class("error")
+    assert page.get_by_label("Model", exact=True).input_value() == "model+senab"
+    page.close()
+
+
+def test_two_turns_draw_two_points_then_reset_empties(stack):
+    from playwright.sync_api import expect
+
+    browser, server, _ = stack
+    page = open_page(browser, server)
+    send(page, "Hello there!", 1)
+    session_id = page.get_by_label("Session", exact=True).input_value()
+    assert session_id
+    points = page.locator("#chart circle.point.distance")
+    expect(points).to_have_count(1)
+    send(page, "How is the weather?", 2)
+    expect(points).to_have_count(2)
+    expect(page.locator("#chart circle.point.arousal")).to_have_count(2)
+    assert page.locator("#chart text.turn-label").all_text_contents() == ["1", "2"]
+    expect(page.locator("#points-table tbody tr")).to_have_count(2)
+    expect(page.locator("#latest")).to_contain_text("Turn 2:")
+    expect(page.locator("#heatmap rect")).to_have_count(32)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-two-turns.png"), full_page=True)
+    assert (ARTIFACTS / "ui-two-turns.png").stat().st_size > 10_000
+
+    page.get_by_role("button", name="Reset").press("Enter")
+    expect(page.locator("#status")).to_contain_text(f"Session {session_id} is back at the set-point.")
+    expect(points).to_have_count(0)
+    expect(page.locator("#points-table tbody tr")).to_have_count(0)
+    expect(page.locator("#latest")).to_have_text("No turns yet.")
+    page.close()
+
+    # Another tab opening the session reads the stored trajectory: empty after the reset.
+    other = open_page(browser, server)
+    other.get_by_label("Session", exact=True).fill(session_id)
+    other.get_by_label("Session", exact=True).press("Enter")
+    expect(other.locator("#status")).to_contain_text(f"Opened session {session_id} at turn 0")
+    expect(other.locator("#chart circle.point")).to_have_count(0)
+    other.close()
+
+
+def test_every_control_is_reachable_by_tab_and_readable(stack):
+    browser, server, _ = stack
+    page = open_page(browser, server)
+    page.locator("body").focus()
+    reached = []
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+    for control in ("api-key", "model", "session-id", "open-session", "new-session", "reset-session",
+                    "delete-session", "prompt", "send", "SUMMARY"):
+        assert control in reached, (control, reached)
+    for label in ("API key", "Model", "Session", "Message"):
+        assert page.get_by_label(label, exact=True).count() == 1, label
+    ratios = dict(page.evaluate(CONTRAST_SCRIPT, ["h1", "#status", "label[for=api-key]", "#send", "#new-session",
+                                                  "#values summary", "#latest", "#api-key"]))
+    for selector, ratio in ratios.items():
+        assert ratio is not None and ratio >= 4.5, (selector, ratio)  # WCAG AA for normal text
+    page.close()
+
+
+def test_store_outage_is_shown_and_text_kept(stack):
+    """Runs last in this module: it stops the module's Redis."""
+    from playwright.sync_api import expect
+
+    browser, server, redis_server = stack
+    page = open_page(browser, server)
+    redis_server.stop()
+    page.get_by_label("Message", exact=True).fill("Are you there?")
+    page.get_by_label("Message", exact=True).press("Enter")
+    status = page.locator("#status")
+    expect(status).to_contain_text("The message was not answered: 503")
+    expect(status).to_have_class("error")
+    expect(page.locator("#messages li.assistant").last).to_contain_text("(no reply)")
+    # The text comes back for a retry.
+    expect(page.get_by_label("Message", exact=True)).to_have_value("Are you there?")
+    ratio = dict(page.evaluate(CONTRAST_SCRIPT, ["#status"]))["#status"]
+    assert ratio >= 4.5
+    page.close()

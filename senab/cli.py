@@ -90,15 +90,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     import shutil
-    import textwrap
     import warnings
     from pathlib import Path
 
     from transformers.utils import logging as hf_logging
 
     from senab.bridge import CheckpointError, checkpoint_for_model
-    from senab.compare import (DEFAULT_RUN_DIRS, Comparison, answers_json, describe_settings, find_adapters,
-                               render_columns)
+    from senab.compare import DEFAULT_RUN_DIRS, AdapterError, Comparison, find_adapters, minimum_width
     from senab.generation import SamplingParams
     from senab.models import ModelError, load_model
 
@@ -111,11 +109,24 @@ def _compare(args: argparse.Namespace) -> int:
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   seed=args.seed)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}; change --max-tokens, --temperature or --top-p", file=sys.stderr)
         return 2
-    if args.width is not None and args.width < 40:
-        print(f"error: --width {args.width} is too narrow; use at least 40", file=sys.stderr)
+    if args.prompt is not None and not args.prompt.strip():
+        print("error: the prompt is empty; pass a message, or no prompt for a prompt loop", file=sys.stderr)
         return 2
+    if args.run and not Path(args.run).is_dir():
+        print(f"error: run directory {args.run} not found; pass the --out directory of `senab train`",
+              file=sys.stderr)
+        return 1
+    run_dir, adapters = find_adapters(Path(args.run) if args.run else None)
+    narrowest = minimum_width(2 + len(adapters))
+    if args.width is not None and args.width < narrowest:
+        print(f"error: --width {args.width} is too narrow for {2 + len(adapters)} columns; use at least {narrowest}",
+              file=sys.stderr)
+        return 2
+    if not adapters:
+        where = run_dir if run_dir is not None else " or ".join(str(d) for d in DEFAULT_RUN_DIRS)
+        print(f"note: no LoRA or IA3 adapter in {where}; `make train` trains them", file=sys.stderr)
 
     def load():
         return load_model(args.model, device=args.device, dtype=args.dtype, home=_home(args))
@@ -124,32 +135,39 @@ def _compare(args: argparse.Namespace) -> int:
         first = load()
         checkpoint, origin = checkpoint_for_model(first.name, first.model.config, path=args.bridge,
                                                   base_digest=first.digest)
-    except (ModelError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    run_dir, adapters = find_adapters(Path(args.run) if args.run else None)
-    if not adapters:
-        where = run_dir if run_dir is not None else " or ".join(str(d) for d in DEFAULT_RUN_DIRS)
-        print(f"note: no LoRA or IA3 adapter in {where}; `make train` trains them", file=sys.stderr)
-    copies = [first.model]
-    try:
+        copies = [first.model]
         comparison = Comparison(lambda: copies.pop() if copies else load().model, first.tokenizer, checkpoint,
                                 adapters, sampling)
-    except (ModelError, ValueError, OSError) as exc:
-        print(f"error: failed to load the compared models: {exc}", file=sys.stderr)
+    except (ModelError, CheckpointError, AdapterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
-    bridge = checkpoint.checkpoint_id + (" (untrained: replies equal the base model's)" if origin == "untrained" else "")
-    header = {"model": first.name, "device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."),
+    width = args.width or max(narrowest, min(100, shutil.get_terminal_size((100, 24)).columns))
+    try:
+        return _compare_loop(args, comparison, first, checkpoint, origin, adapters, sampling, width)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _compare_loop(args, comparison, loaded, checkpoint, origin: str, adapters, sampling, width: int) -> int:
+    """Answer the prompt, or every line of the prompt loop, and print the columns or JSON."""
+    from senab.compare import answers_json, describe_settings, printable, render_columns, wrap
+
+    header = {"model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
               "checkpoint": checkpoint.checkpoint_id, "checkpoint_trained": origin != "untrained",
               "adapters": {m: str(p) for m, p in adapters.items()},
               "sampling": {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
                            "top_p": sampling.top_p, "seed": sampling.seed}}
-    width = args.width or min(100, shutil.get_terminal_size((100, 24)).columns)
     if not args.json:
-        print(textwrap.fill(f"{first.name} on {header['device']} ({header['dtype']}); bridge {bridge}", width))
-        print(textwrap.fill(f"sampling: {describe_settings(sampling)}; same settings and seed in every column",
-                            width))
+        untrained = " (untrained: replies equal the base model's)" if origin == "untrained" else ""
+        print("\n".join(wrap(f"{loaded.name} on {header['device']} ({header['dtype']}); bridge "
+                             f"{checkpoint.checkpoint_id}{untrained}", width)))
+        print("\n".join(wrap(f"sampling: {describe_settings(sampling)}; same settings and seed in every column",
+                             width)))
 
     def answer(prompt: str) -> None:
         turn = comparison.turn + 1
@@ -157,15 +175,11 @@ def _compare(args: argparse.Namespace) -> int:
         if args.json:
             print(answers_json(prompt, turn, answers, header), flush=True)
         else:
-            print("\n" + textwrap.fill(f"turn {turn}: {prompt}", width) + "\n")
+            print("\n" + "\n".join(wrap(f"turn {turn}: {printable(prompt)}", width)) + "\n")
             print(render_columns(answers, width), flush=True)
 
     if args.prompt is not None:
-        try:
-            answer(args.prompt)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        answer(args.prompt)
         return 0
     interactive = sys.stdin.isatty()
     if interactive and not args.json:
@@ -174,9 +188,8 @@ def _compare(args: argparse.Namespace) -> int:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
-            break
-        except KeyboardInterrupt:
-            print()
+            if interactive:
+                print()
             break
         prompt = line.strip()
         if not prompt:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import textwrap
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,17 @@ LABELS = {"base": "base", "senab": "SENAB", "lora": "LoRA r=32", "ia3": "IA3"}
 ADAPTER_METHODS = ("lora", "ia3")
 # `make train` writes runs/smollm2; a bare `senab train` writes runs/default.
 DEFAULT_RUN_DIRS = (Path("runs/smollm2"), Path("runs/default"))
+MIN_COLUMN_WIDTH = 12
+GAP = " | "
+
+
+class AdapterError(ValueError):
+    """An adapter directory of a training run that peft cannot load."""
+
+
+def minimum_width(columns: int) -> int:
+    """Return the narrowest output that still gives every column `MIN_COLUMN_WIDTH` characters."""
+    return columns * MIN_COLUMN_WIDTH + len(GAP) * (columns - 1)
 
 
 @dataclass
@@ -84,7 +96,13 @@ class Comparison:
         bridged = Generator(shared, tokenizer, self.handle)
         self.columns = [_Column("base", bridged), _Column("senab", bridged)]
         for method, adapter_dir in adapters.items():
-            self.columns.append(_Column(method, Generator(load_baseline(load_model(), adapter_dir), tokenizer)))
+            try:
+                merged = load_baseline(load_model(), adapter_dir)
+            except Exception as exc:  # peft raises KeyError, ValueError or JSON errors for broken adapters
+                raise AdapterError(
+                    f"the {LABELS[method]} adapter in {adapter_dir} cannot be loaded ({type(exc).__name__}: {exc}); "
+                    "train it again with `make train`, or pass --run with another run directory") from None
+            self.columns.append(_Column(method, Generator(merged, tokenizer)))
         self.set_point = checkpoint.bridge.set_point.detach().float().cpu().numpy()
         self.state = self.set_point.copy()
         self.turn = 0
@@ -148,9 +166,12 @@ def answers_json(prompt: str, turn: int, answers: list[Answer], header: dict[str
 
 
 def render_columns(answers: list[Answer], width: int = 100) -> str:
-    """Return the replies laid out side by side in at most `width` characters per line."""
-    gap = " | "
-    column_width = max(12, (width - len(gap) * (len(answers) - 1)) // len(answers))
+    """Return the replies laid out side by side in at most `width` terminal columns per line.
+
+    Widths count terminal columns, so a CJK character or an emoji takes two. Control
+    characters are shown escaped.
+    """
+    column_width = max(MIN_COLUMN_WIDTH, (width - len(GAP) * (len(answers) - 1)) // len(answers))
     blocks = [_block(a, column_width) for a in answers]
     rule = "-+-".join("-" * column_width for _ in answers)
     lines = []
@@ -158,24 +179,50 @@ def render_columns(answers: list[Answer], width: int = 100) -> str:
         height = max(len(block[section]) for block in blocks)
         for row in range(height):
             cells = [block[section][row] if row < len(block[section]) else "" for block in blocks]
-            lines.append(gap.join(cell.ljust(column_width) for cell in cells).rstrip())
+            lines.append(GAP.join(cell + " " * (column_width - display_width(cell)) for cell in cells).rstrip())
         if section < 2:
             lines.append(rule)
     return "\n".join(lines)
 
 
+def display_width(text: str) -> int:
+    """Return how many terminal columns `text` takes: wide East Asian characters take two,
+    combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def printable(text: str) -> str:
+    """Return `text` with control characters other than newlines escaped, so a reply or a
+    prompt cannot move the cursor or change the terminal's colours."""
+    return "".join(c if c == "\n" or unicodedata.category(c) != "Cc" else
+                   " " if c == "\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Wrap `text` to `width` terminal columns, keeping its line breaks."""
+    lines = []
+    for paragraph in printable(text).splitlines() or [""]:
+        for line in textwrap.wrap(paragraph, width, break_long_words=True, replace_whitespace=False) or [""]:
+            # textwrap counts characters; split again where wide characters overflow.
+            while display_width(line) > width:
+                cut = 1
+                while display_width(line[:cut + 1]) <= width:
+                    cut += 1
+                lines.append(line[:cut])
+                line = line[cut:]
+            lines.append(line)
+    return lines
+
+
 def _block(answer: Answer, width: int) -> tuple[list[str], list[str], list[str]]:
-    reply = []
-    for paragraph in (answer.text or "(empty reply)").splitlines() or [""]:
-        reply += textwrap.wrap(paragraph, width, break_long_words=True, replace_whitespace=False) or [""]
     facts = [f"{answer.latency_s:.2f} s, {answer.completion_tokens} tokens",
              f"{answer.tokens_per_second:.1f} tokens/s, {answer.finish_reason}"]
     if answer.state is not None:
         valence = "n/a" if answer.state["valence"] is None else f"{answer.state['valence']:+.2f}"
         facts.append(f"valence {valence}, arousal {answer.state['arousal']:.2f}, "
                      f"distance {answer.state['distance']:.2f}")
-    numbers = [line for fact in facts for line in textwrap.wrap(fact, width)]
-    return [answer.label[:width]], reply, numbers
+    numbers = [line for fact in facts for line in wrap(fact, width)]
+    return [answer.label[:width]], wrap(answer.text or "(empty reply)", width), numbers
 
 
 def describe_settings(sampling: SamplingParams) -> str:

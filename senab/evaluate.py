@@ -116,6 +116,7 @@ class MethodScores:
     semantic_similarity: float = math.nan
     rouge_l: float = math.nan
     qa_by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    qa_reply_words: float = math.nan
 
 
 @dataclass
@@ -315,7 +316,8 @@ def evaluate_run(load, run_dir: Path, out_dir: Path, *, command: str, test_windo
         scores.distinct_1 = distinct_n(replies, 1)
         scores.distinct_2 = distinct_n(replies, 2)
         qa = scorer.score(answers)
-        scores.semantic_similarity, scores.rouge_l, scores.qa_by_kind = qa.semantic_similarity, qa.rouge_l, qa.by_kind
+        scores.semantic_similarity, scores.rouge_l = qa.semantic_similarity, qa.rouge_l
+        scores.qa_by_kind, scores.qa_reply_words = qa.by_kind, qa.mean_words
         report.methods.append(scores)
         (out_dir / "samples").mkdir(exist_ok=True)
         (out_dir / "samples" / f"{method}.json").write_text(

@@ -85,6 +85,7 @@ class QAScores:
     # Per kind of question: {"fact": {"semantic_similarity": ..., "rouge_l": ...}, ...}
     by_kind: dict[str, dict[str, float]]
     per_question: list[dict[str, object]]
+    mean_words: float  # mean reply length in whitespace-separated words
 
 
 class QAScorer:
@@ -125,7 +126,7 @@ class QAScorer:
                          "semantic_similarity": s, "rouge_l": r}
                         for p, reply, s, r in zip(pairs, replies, semantic, rouge)]
         return QAScores(semantic_similarity=_mean(semantic), rouge_l=_mean(rouge), by_kind=by_kind,
-                        per_question=per_question)
+                        per_question=per_question, mean_words=_mean([len(reply.split()) for reply in replies]))
 
 
 def answer_questions(generator: Generator, tokenizer, pairs: list[QAPair] = QA_PAIRS, *,

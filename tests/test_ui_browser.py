@@ -123,8 +123,10 @@ def test_two_turns_draw_two_points_then_reset_empties(stack):
     assert (ARTIFACTS / "ui-two-turns.png").stat().st_size > 10_000
 
     page.get_by_role("button", name="Reset").press("Enter")
-    expect(page.locator("#status")).to_contain_text(f"Session {session_id} is back at the set-point.")
+    expect(page.locator("#status")).to_contain_text(f"Session {session_id} is back at the set-point")
     expect(points).to_have_count(0)
+    # The server's turn count starts again, so the page's conversation does too.
+    expect(page.locator("#messages li")).to_have_count(0)
     expect(page.locator("#points-table tbody tr")).to_have_count(0)
     expect(page.locator("#latest")).to_have_text("No turns yet.")
     page.close()
@@ -136,6 +138,22 @@ def test_two_turns_draw_two_points_then_reset_empties(stack):
     expect(other.locator("#status")).to_contain_text(f"Opened session {session_id} at turn 0")
     expect(other.locator("#chart circle.point")).to_have_count(0)
     other.close()
+
+
+@pytest.mark.parametrize("session_id", ["../x", "a b", "..", "x" * 129])
+def test_invalid_session_id_is_explained(stack, session_id):
+    from playwright.sync_api import expect
+
+    browser, server, _ = stack
+    page = open_page(browser, server)
+    page.get_by_label("Session", exact=True).fill(session_id)
+    page.get_by_role("button", name="Open").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text("Invalid session id")
+    expect(status).to_contain_text("use 1 to 128 letters, digits")
+    expect(status).to_have_class("error")
+    assert page.get_by_label("Session", exact=True).get_attribute("aria-invalid") == "true"
+    page.close()
 
 
 def test_every_control_is_reachable_by_tab_and_readable(stack):
@@ -164,15 +182,23 @@ def test_store_outage_is_shown_and_text_kept(stack):
 
     browser, server, redis_server = stack
     page = open_page(browser, server)
+    send(page, "Hello there!", 1)  # starts the live updates of this session
+    expect(page.locator("#chart circle.point.distance")).to_have_count(1)
     redis_server.stop()
     page.get_by_label("Message", exact=True).fill("Are you there?")
     page.get_by_label("Message", exact=True).press("Enter")
     status = page.locator("#status")
     expect(status).to_contain_text("The message was not answered: 503")
     expect(status).to_have_class("error")
+    # The event stream fails too; it reports on its own line and leaves the action's error visible.
+    expect(page.locator("#live")).to_contain_text("Live updates paused")
+    page.wait_for_timeout(2500)
+    expect(status).to_contain_text("The message was not answered: 503")
     expect(page.locator("#messages li.assistant").last).to_contain_text("(no reply)")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
     # The text comes back for a retry.
     expect(page.get_by_label("Message", exact=True)).to_have_value("Are you there?")
-    ratio = dict(page.evaluate(CONTRAST_SCRIPT, ["#status"]))["#status"]
-    assert ratio >= 4.5
+    ratios = dict(page.evaluate(CONTRAST_SCRIPT, ["#status", "#live"]))
+    assert ratios["#status"] >= 4.5
+    assert ratios["#live"] >= 4.5
     page.close()

@@ -11,6 +11,7 @@ import torch
 
 from senab.bridge import new_checkpoint
 from senab.cli import main
+from senab.compare import Answer, display_width, render_columns
 from senab.train import attach_baseline
 from tests.helpers import make_tiny_llama
 
@@ -117,13 +118,52 @@ def test_without_adapters_shows_base_and_senab(setup, capsys, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "3"], "temperature must be between 0 and 2, got 3.0"),
     (["--max-tokens", "0"], "max_tokens must be at least 1, got 0"),
-    (["--width", "10"], "--width 10 is too narrow; use at least 40"),
+    (["--width", "41"], "--width 41 is too narrow for 3 columns; use at least 42"),
+    (["--run", "/nonexistent/run"], "run directory /nonexistent/run not found"),
 ])
 def test_bad_settings_name_the_value(setup, capsys, monkeypatch, extra, message):
     _, args = setup
     code, out, err = run_compare([PROMPT, *args, *extra], capsys, monkeypatch)
-    assert code == 2 and out == ""
+    assert code in (1, 2)
+    assert out == ""
     assert message in err
+
+
+def test_empty_prompt_is_rejected_before_loading(setup, capsys, monkeypatch):
+    _, args = setup
+    code, _, err = run_compare(["   ", *args], capsys, monkeypatch)
+    assert code == 2
+    assert "the prompt is empty" in err
+
+
+def test_broken_adapter_names_its_directory(setup, capsys, monkeypatch, tmp_path):
+    _, args = setup
+    adapter = tmp_path / "lora" / "final" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "NOPE"}')
+    args = [tmp_path.as_posix() if previous == "--run" else a for previous, a in zip([None, *args], args)]
+    code, out, err = run_compare([PROMPT, *args], capsys, monkeypatch)
+    assert code == 1
+    assert out == ""
+    assert f"the LoRA r=32 adapter in {adapter} cannot be loaded" in err
+    assert "train it again with `make train`" in err
+    assert "Traceback" not in err
+
+
+def test_wide_characters_and_control_codes_keep_columns_aligned():
+    answers = [Answer(method=m, label=m, text=text, finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                      latency_s=1.0, tokens_per_second=1.0)
+               for m, text in (("base", "请用中文列出运动的三个好处。😀" * 3), ("senab", "plain words " * 6),
+                               ("lora", "\x1b[31mred\x1b[0m\tand tab"))]
+    text = render_columns(answers, 60)
+    assert "\x1b" not in text and "\\x1b[31mred" in text
+    for line in text.splitlines():
+        assert display_width(line) <= 60, line
+    # Every separator sits at the same terminal column on every line.
+    for line in text.splitlines():
+        if " | " in line:
+            first = line.split(" | ")[0]
+            assert display_width(first) == (60 - 6) // 3, line
 
 
 def test_missing_bridge_is_a_clear_error(setup, capsys, monkeypatch, tmp_path):

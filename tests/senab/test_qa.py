@@ -45,6 +45,7 @@ def test_scores_average_by_kind(scorer):
     assert scores.by_kind["arithmetic"]["rouge_l"] == pytest.approx(1.0)
     assert scores.by_kind["fact"]["rouge_l"] == pytest.approx(0.5)
     assert scores.rouge_l == pytest.approx(2 / 3)
+    assert scores.mean_words == pytest.approx((5 + 2 + 5) / 3)
     assert [q["reply"] for q in scores.per_question] == ["Water boils at 100 degrees.", "Nothing here.",
                                                          "2 plus 2 is 4."]
     with pytest.raises(ValueError, match="2 replies for 3 questions"):

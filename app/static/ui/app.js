@@ -11,6 +11,12 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// The live-update line is separate, so a dropped event stream never hides the error of an action.
+function setLive(text, isError = false) {
+  $("live").textContent = text;
+  $("live").classList.toggle("error", isError);
+}
+
 function headers(json = true) {
   const result = json ? { "Content-Type": "application/json" } : {};
   const key = $("api-key").value.trim();
@@ -157,21 +163,21 @@ function watch(sessionId) {
                                      { headers: headers(false), signal: controller.signal });
         if (response.status === 404) return;  // the first committed turn starts watching again
         if (response.status >= 400 && response.status < 500 && ![408, 429].includes(response.status)) {
-          setStatus(`Live updates stopped: ${await errorMessage(response)}`, true);
+          setLive(`Live updates stopped: ${await errorMessage(response)}`, true);
           return;
         }
         if (!response.ok) throw new Error(await errorMessage(response));
-        if ($("status").textContent.startsWith("Live updates paused")) setStatus("Live updates resumed.");
+        if ($("live").textContent) setLive("");
         await readEvents(response, ({ event, data }) => {
           if (!current()) return;
           const body = JSON.parse(data);
           if (event === "turn") addPoint(body);
           else if (event === "reset") { page.points = []; draw(); }
-          else if (event === "error") setStatus(`Live updates paused: ${body.error.message}`, true);
+          else if (event === "error") setLive(`Live updates paused: ${body.error.message}`, true);
         });
       } catch (error) {
         if (!current()) return;
-        setStatus(`Live updates paused: ${error.message}`, true);
+        setLive(`Live updates paused, retrying: ${error.message}`, true);
       }
       await new Promise((resolve) => setTimeout(resolve, 2000));
     }
@@ -179,6 +185,7 @@ function watch(sessionId) {
   run().finally(() => {
     if (page.watcher === controller) page.watcher = null;
   });
+  setLive("");
 }
 
 function addPoint(point) {
@@ -345,18 +352,29 @@ $("api-key").addEventListener("change", () => {
   sessionStorage.setItem("senab-api-key", $("api-key").value.trim());
   loadModels();
 });
+const SESSION_ID = /^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$/;
 $("settings").addEventListener("submit", (event) => {
   event.preventDefault();
   const sessionId = $("session-id").value.trim();
+  if (sessionId && !SESSION_ID.test(sessionId)) {
+    setStatus(`Invalid session id "${sessionId.slice(0, 40)}${sessionId.length > 40 ? "..." : ""}": use 1 to 128 ` +
+              "letters, digits, '.', '_' or '-' (not '.' or '..').", true);
+    $("session-id").setAttribute("aria-invalid", "true");
+    return;
+  }
+  $("session-id").removeAttribute("aria-invalid");
   if (sessionId === page.sessionId && sessionId) setStatus(`Session ${sessionId} is already open.`);
   else if (sessionId) openSession(sessionId);
   else newSession();
 });
 $("new-session").addEventListener("click", newSession);
 $("reset-session").addEventListener("click", () => sessionAction("POST", "/reset", () => {
+  // The server's turn count starts again, so the conversation on this page does too.
   page.points = [];
+  page.messages = [];
+  $("messages").replaceChildren();
   draw();
-  setStatus(`Session ${page.sessionId} is back at the set-point.`);
+  setStatus(`Session ${page.sessionId} is back at the set-point; the conversation starts again.`);
 }));
 $("delete-session").addEventListener("click", () => sessionAction("DELETE", "", () => {
   const deleted = page.sessionId;

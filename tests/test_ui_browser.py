@@ -41,6 +41,9 @@ def _require_browser() -> None:
 def stack(tmp_path_factory):
     """A private Redis (stopped by the last test) and a server with an API key."""
     _require_browser()
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)  # the default 5 s is short on a loaded 2-core machine
     root = tmp_path_factory.mktemp("ui")
     model, _ = make_tiny_llama(root / "model", seed=0)
     checkpoint = new_checkpoint(model.config, base_model="model")

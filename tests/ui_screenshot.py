@@ -36,6 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=180_000)  # a real reply on a CPU takes seconds
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"senab-screenshot-{uuid.uuid4().hex}"
     env = {"REDIS_URL": redis_url, "SENAB_REDIS_PREFIX": prefix, "SENAB_DEFAULT_TEMPERATURE": "0",

@@ -278,8 +278,7 @@ function drawChart() {
                                       stroke: "#c9d1d9", "stroke-dasharray": value === 0 ? "" : "3 3" }));
     chart.append(svgElement("text", { x: 4, y: y(value) + 4, "font-size": 11, fill: "#4a5561" }, value.toFixed(1)));
   }
-  chart.append(svgElement("text", { x: width - right, y: height - 6, "font-size": 11, fill: "#4a5561",
-                                    "text-anchor": "end" }, "turn"));
+  chart.append(svgElement("text", { x: 4, y: height - 6, "font-size": 11, fill: "#4a5561" }, "turn"));
   // Turn numbers under the points, thinned to about ten labels.
   const step = Math.max(1, Math.ceil(points.length / 10));
   points.forEach((p, i) => {

@@ -88,7 +88,7 @@ def send(page, text: str, turns_on_page: int) -> None:
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
 
-def test_missing_key_is_shown_then_models_load(stack):
+def test_missing_key_is_shown(stack):
     from playwright.sync_api import expect
 
     browser, server, _ = stack
@@ -104,7 +104,7 @@ def test_missing_key_is_shown_then_models_load(stack):
     page.close()
 
 
-def test_two_turns_draw_two_points_then_reset_empties(stack):
+def test_two_turns_then_reset(stack):
     from playwright.sync_api import expect
 
     browser, server, _ = stack
@@ -159,7 +159,7 @@ def test_invalid_session_id_is_explained(stack, session_id):
     page.close()
 
 
-def test_every_control_is_reachable_by_tab_and_readable(stack):
+def test_controls_tab_reachable_readable(stack):
     browser, server, _ = stack
     page = open_page(browser, server)
     page.locator("body").focus()
@@ -179,7 +179,7 @@ def test_every_control_is_reachable_by_tab_and_readable(stack):
     page.close()
 
 
-def test_store_outage_is_shown_and_text_kept(stack):
+def test_store_outage_is_shown(stack):
     """Runs last in this module: it stops the module's Redis."""
     from playwright.sync_api import expect
 

@@ -1,8 +1,8 @@
 """Take docs/ui-dashboard.png: the page at /ui after a real conversation with the real model.
 
 Run by `make screenshot`. It starts `senab serve` with the default model and its shipped
-bridge checkpoint on a free loopback port, using the Redis at REDIS_URL (default
-127.0.0.1:6379) under a key prefix of its own that it deletes afterwards, then drives the
+bridge checkpoint on a free loopback port. The server uses the Redis at REDIS_URL (default
+127.0.0.1:6379) under a key prefix of its own, deleted afterwards. The script then drives the
 page in headless Chromium: neutral messages, one hostile message, neutral ones again.
 """
 

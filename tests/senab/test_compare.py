@@ -46,7 +46,7 @@ def run_compare(args, capsys, monkeypatch, stdin: str | None = None):
     return code, captured.out, captured.err
 
 
-def test_json_has_one_column_per_method(setup):
+def test_json_has_column_per_method(setup):
     root, args = setup
     # The installed command, as a user runs it.
     result = subprocess.run([sys.executable, "-m", "app.cli", "compare", PROMPT, *args, "--json",
@@ -54,20 +54,26 @@ def test_json_has_one_column_per_method(setup):
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.strip().splitlines()
     record = json.loads(line)
-    assert record["prompt"] == PROMPT and record["turn"] == 1
+    assert record["prompt"] == PROMPT
+    assert record["turn"] == 1
     assert record["sampling"] == {"max_tokens": 6, "temperature": 0.7, "top_p": 0.9, "seed": 5}
-    assert record["checkpoint_trained"] is True and record["dtype"] == "float32"
+    assert record["checkpoint_trained"] is True
+    assert record["dtype"] == "float32"
     assert [c["method"] for c in record["columns"]] == ["base", "senab", "lora"]
     keys = {"method", "label", "text", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s",
             "tokens_per_second", "state"}
     for column in record["columns"]:
         assert set(column) == keys
-        assert 1 <= column["completion_tokens"] <= 6 and column["latency_s"] > 0
+        assert 1 <= column["completion_tokens"] <= 6
+        assert column["latency_s"] > 0
         assert column["tokens_per_second"] == pytest.approx(column["completion_tokens"] / column["latency_s"])
     base, senab, lora = record["columns"]
-    assert base["state"] is None and lora["state"] is None
-    assert senab["state"]["turn"] == 1 and senab["state"]["distance"] > 0
-    assert 0 <= senab["state"]["arousal"] < 1 and senab["state"]["valence"] is None  # no probe in this bridge
+    assert base["state"] is None
+    assert lora["state"] is None
+    assert senab["state"]["turn"] == 1
+    assert senab["state"]["distance"] > 0
+    assert 0 <= senab["state"]["arousal"] < 1
+    assert senab["state"]["valence"] is None  # no probe in this bridge
     assert base["prompt_tokens"] == senab["prompt_tokens"] == lora["prompt_tokens"]
 
 
@@ -77,10 +83,11 @@ def test_greedy_columns_differ_by_model(setup, capsys, monkeypatch):
     assert code == 0
     texts = {c["method"]: c["text"] for c in json.loads(out)["columns"]}
     # The bridge's write-out and the adapter both change the greedy reply.
-    assert texts["senab"] != texts["base"] and texts["lora"] != texts["base"]
+    assert texts["senab"] != texts["base"]
+    assert texts["lora"] != texts["base"]
 
 
-def test_prompt_loop_carries_state_and_resets(setup, capsys, monkeypatch):
+def test_prompt_loop_carries_state(setup, capsys, monkeypatch):
     _, args = setup
     code, out, _ = run_compare([*args, "--json", "--temperature", "0"], capsys, monkeypatch,
                                stdin="Hello\nHow are you?\n\n/reset\nHello\n/quit\nnever read\n")
@@ -102,11 +109,13 @@ def test_columns_fit_the_width(setup, capsys, monkeypatch):
         assert code == 0
         assert max(len(line) for line in out.splitlines()) <= width
         header = next(line for line in out.splitlines() if line.startswith("base"))
-        assert "SENAB" in header and "LoRA r=32" in header
-        assert "arousal" in out and "tokens/s" in out
+        assert "SENAB" in header
+        assert "LoRA r=32" in header
+        assert "arousal" in out
+        assert "tokens/s" in out
 
 
-def test_without_adapters_shows_base_and_senab(setup, capsys, monkeypatch):
+def test_no_adapters_shows_two_columns(setup, capsys, monkeypatch):
     root, args = setup
     args = [a if a != str(root / "run") else str(root / "empty-run") for a in args]
     code, out, err = run_compare([PROMPT, *args, "--json"], capsys, monkeypatch)
@@ -129,14 +138,14 @@ def test_bad_settings_name_the_value(setup, capsys, monkeypatch, extra, message)
     assert message in err
 
 
-def test_empty_prompt_is_rejected_before_loading(setup, capsys, monkeypatch):
+def test_empty_prompt_is_rejected(setup, capsys, monkeypatch):
     _, args = setup
     code, _, err = run_compare(["   ", *args], capsys, monkeypatch)
     assert code == 2
     assert "the prompt is empty" in err
 
 
-def test_broken_adapter_names_its_directory(setup, capsys, monkeypatch, tmp_path):
+def test_broken_adapter_names_directory(setup, capsys, monkeypatch, tmp_path):
     _, args = setup
     adapter = tmp_path / "lora" / "final" / "adapter"
     adapter.mkdir(parents=True)
@@ -150,13 +159,14 @@ def test_broken_adapter_names_its_directory(setup, capsys, monkeypatch, tmp_path
     assert "Traceback" not in err
 
 
-def test_wide_characters_and_control_codes_keep_columns_aligned():
+def test_wide_characters_stay_aligned():
     answers = [Answer(method=m, label=m, text=text, finish_reason="stop", prompt_tokens=1, completion_tokens=1,
                       latency_s=1.0, tokens_per_second=1.0)
                for m, text in (("base", "请用中文列出运动的三个好处。😀" * 3), ("senab", "plain words " * 6),
                                ("lora", "\x1b[31mred\x1b[0m\tand tab"))]
     text = render_columns(answers, 60)
-    assert "\x1b" not in text and "\\x1b[31mred" in text
+    assert "\x1b" not in text
+    assert "\\x1b[31mred" in text
     for line in text.splitlines():
         assert display_width(line) <= 60, line
     # Every separator sits at the same terminal column on every line.

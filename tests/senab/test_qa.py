@@ -12,14 +12,14 @@ def scorer():
     return QAScorer()
 
 
-def test_question_set_has_four_kinds_and_no_repeats():
+def test_question_set_kinds_unique():
     assert len(QA_PAIRS) >= 30
     assert {p.kind for p in QA_PAIRS} == {"fact", "arithmetic", "definition", "instruction"}
     assert len({p.question for p in QA_PAIRS}) == len(QA_PAIRS)
     assert all(p.reference.strip() for p in QA_PAIRS)
 
 
-def test_rouge_l_is_the_stemmed_longest_common_subsequence(scorer):
+def test_rouge_l_stemmed_subsequence(scorer):
     reference = "The capital of France is Paris."
     # Common subsequence "the capital of france": 4 of 6 words on both sides.
     assert scorer.rouge_l(["Paris is the capital of France."], [reference]) == [pytest.approx(4 / 6)]
@@ -29,7 +29,7 @@ def test_rouge_l_is_the_stemmed_longest_common_subsequence(scorer):
     assert scorer.rouge_l([""], [reference]) == [0.0]
 
 
-def test_semantic_similarity_ranks_paraphrase_above_unrelated(scorer):
+def test_similarity_ranks_paraphrase_first(scorer):
     reference = "The capital of France is Paris."
     same, paraphrase, unrelated = scorer.semantic_similarity(
         [reference, "Paris is France's capital city.", "I enjoy playing the violin on Sundays."], [reference] * 3)
@@ -52,7 +52,7 @@ def test_scores_average_by_kind(scorer):
         scorer.score(["a", "b"], pairs)
 
 
-def test_greedy_answers_do_not_depend_on_the_batch(scorer):
+def test_greedy_answers_ignore_batch(scorer):
     model, tokenizer = make_tiny_llama(seed=3)
     generator = Generator(model, tokenizer)
     pairs = QA_PAIRS[:6]
@@ -61,4 +61,5 @@ def test_greedy_answers_do_not_depend_on_the_batch(scorer):
     assert batched == alone
     assert any(batched)
     scores = scorer.score(batched, pairs)
-    assert 0 <= scores.rouge_l <= 1 and -1 <= scores.semantic_similarity <= 1
+    assert 0 <= scores.rouge_l <= 1
+    assert -1 <= scores.semantic_similarity <= 1

@@ -94,6 +94,10 @@ def test_deployment_probes_resources_and_scraping():
     assert container["resources"]["limits"]["memory"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tmp"] == "/tmp"
+    assert {v["name"] for v in pod["spec"]["volumes"]} >= {"tmp"}
     assert {doc["kind"] for _, doc in manifests()} >= {"Service", "HorizontalPodAutoscaler",
                                                         "PodDisruptionBudget", "StatefulSet"}
 

@@ -443,9 +443,9 @@ def checkpoint_for_model(model_name: str, model_config: Any, *, path: str | Path
                          base_digest: str | None = None) -> tuple[Checkpoint, str]:
     """Return the checkpoint to serve with a base model, and where it came from.
 
-    `path` when given; else the checkpoint shipped for `model_name`; else an untrained one
-    (write-out at zero, so replies equal the base model's while states still move). The
-    second value is "path", "shipped" or "untrained".
+    The checkpoint is the one at `path` when given, else the one shipped for `model_name`.
+    Without either it is an untrained one, whose write-out is zero, so replies equal the base
+    model's while states still move. The second value is "path", "shipped" or "untrained".
     """
     if path is not None:
         return load_checkpoint(path), "path"

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     compare.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     compare.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every column (default 0)")
-    compare.add_argument("--width", type=int, help="output width in characters (default: terminal width, at most 100)")
+    compare.add_argument("--width", type=int, help="output width in terminal columns (default: terminal width, at most 100)")
     compare.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of columns")
     compare.add_argument("--verbose", action="store_true", help="show model loading logs")
     compare.set_defaults(func=_compare)

@@ -23,7 +23,7 @@ from senab.prompt import build_prompt
 
 LABELS = {"base": "base", "senab": "SENAB", "lora": "LoRA r=32", "ia3": "IA3"}
 ADAPTER_METHODS = ("lora", "ia3")
-# `make train` writes runs/smollm2; a bare `senab train` writes runs/default.
+# `make train` writes runs/smollm2, and a bare `senab train` writes runs/default.
 DEFAULT_RUN_DIRS = (Path("runs/smollm2"), Path("runs/default"))
 MIN_COLUMN_WIDTH = 12
 GAP = " | "
@@ -50,7 +50,7 @@ class Answer:
     completion_tokens: int
     latency_s: float
     tokens_per_second: float
-    # SENAB only: the session state's affect after this turn.
+    # The session state's affect after this turn, in the SENAB column only.
     state: dict[str, Any] | None = None
 
 
@@ -123,7 +123,7 @@ class Comparison:
         """Send `prompt` as the next user turn to every column and return their replies."""
         if not prompt.strip():
             raise ValueError("the prompt is empty; type a message")
-        # Every column samples with the same settings; a turn's seed is the same in every column.
+        # Every column samples with the same settings and the same seed for a given turn.
         params = self.sampling if self.sampling.seed is None else dataclasses.replace(
             self.sampling, seed=self.sampling.seed + self.turn)
         answers = []
@@ -188,7 +188,12 @@ def render_columns(answers: list[Answer], width: int = 100) -> str:
 def display_width(text: str) -> int:
     """Return how many terminal columns `text` takes: wide East Asian characters take two,
     combining marks none."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    width = 0
+    for c in text:
+        if unicodedata.combining(c):
+            continue
+        width += 2 if unicodedata.east_asian_width(c) in "WF" else 1
+    return width
 
 
 def printable(text: str) -> str:

@@ -276,14 +276,14 @@ def original_comparison(methods: list[dict[str, Any]], senab: dict[str, Any]) ->
     o = ORIGINAL
     rows = []
 
-    def row(effect: str, original: str, here: str, holds: bool | str | None, why: str) -> None:
-        if isinstance(holds, str):
-            verdict = holds
-        elif holds is None:
+    def row(effect: str, original: str, measured: str, outcome: bool | str | None, reason: str) -> None:
+        if isinstance(outcome, str):
+            verdict = outcome
+        elif outcome is None:
             verdict = "n/a"
         else:
-            verdict = "holds" if holds else "does not hold"
-        rows.append(f"| {effect} | {original} | {here} | {verdict} | {why} |")
+            verdict = "holds" if outcome else "does not hold"
+        rows.append(f"| {effect} | {original} | {measured} | {verdict} | {reason} |")
 
     if bridge.get("trainable_parameters") and lora.get("trainable_parameters"):
         share = bridge["trainable_parameters"] / lora["trainable_parameters"]
@@ -296,22 +296,24 @@ def original_comparison(methods: list[dict[str, Any]], senab: dict[str, Any]) ->
         steps_ratio = bridge["train_seconds"] / lora["train_seconds"]
         pre = senab.get("preprocessing_seconds")
         with_pre = (bridge["train_seconds"] + pre) / lora["train_seconds"] if pre else None
-        here = f"{bridge['train_seconds']:.0f} s vs {lora['train_seconds']:.0f} s of steps ({steps_ratio:.2f})"
-        why = ("Autograd stops at the first bridged layer, so a SENAB step costs about "
-               f"{senab.get('step_ratio', steps_ratio):.2f} of a LoRA step.")
+        measured = f"{bridge['train_seconds']:.0f} s vs {lora['train_seconds']:.0f} s of steps ({steps_ratio:.2f})"
+        reason = ("Autograd stops at the first bridged layer, so a SENAB step costs about "
+                  f"{senab.get('step_ratio', steps_ratio):.2f} of a LoRA step.")
         if with_pre is not None:
-            here += f"; {with_pre:.2f} with SENAB's {pre:.0f} s of caching layer inputs"
-            why += (" The original reports no preprocessing. Here the frozen layers' outputs are computed once "
-                    "per window before training, for the training windows and for the state losses' extra "
-                    "windows, which LoRA does not see" + (
-                        ": with that, the whole SENAB run is slower than LoRA's, and the cache pays off only when "
-                        "training runs over the same windows more often." if with_pre >= 1
-                        else ", and the run stays faster overall."))
-        holds: bool | str = steps_ratio < 1
-        if holds and with_pre is not None and with_pre >= 1:
-            holds = "holds per step, not for the whole run"
+            measured += f"; {with_pre:.2f} with SENAB's {pre:.0f} s of caching layer inputs"
+            reason += (" The original reports no preprocessing. Here the frozen layers' outputs are computed "
+                       "once per window before training, for the training windows and for the state losses' "
+                       "extra windows, which LoRA does not see")
+            if with_pre >= 1:
+                reason += (": with that, the whole SENAB run is slower than LoRA's, and the cache pays off only "
+                           "when training runs over the same windows more often.")
+            else:
+                reason += ", and the run stays faster overall."
+        outcome: bool | str = steps_ratio < 1
+        if outcome and with_pre is not None and with_pre >= 1:
+            outcome = "holds per step, not for the whole run"
         row("SENAB trains faster than LoRA", f"{o['train_seconds'][0]} s vs {o['train_seconds'][1]} s "
-            f"({o['train_seconds'][0] / o['train_seconds'][1]:.2f})", here, holds, why)
+            f"({o['train_seconds'][0] / o['train_seconds'][1]:.2f})", measured, outcome, reason)
     if base.get("perplexity") and bridge.get("perplexity") and lora.get("perplexity"):
         ob, os_, ol = o["perplexity"]
         gap = (base["perplexity"] - bridge["perplexity"]) / (base["perplexity"] - lora["perplexity"])
@@ -323,17 +325,17 @@ def original_comparison(methods: list[dict[str, Any]], senab: dict[str, Any]) ->
             "layer's keys and values. Both were trained on the same chitchat windows.")
     if bridge.get("distinct_2") is not None and lora.get("distinct_2") is not None:
         higher = bridge["distinct_2"] > lora["distinct_2"]
-        why = (f"30 prompts with fixed sampling seeds (the original used 5). The base model scores "
-               f"{base['distinct_2']:.3f}: ")
+        reason = (f"30 prompts with fixed sampling seeds (the original used 5). The base model scores "
+                  f"{base['distinct_2']:.3f}: ")
         if base["distinct_2"] < bridge["distinct_2"]:
-            why += "SENAB's replies are more varied than the base model's."
+            reason += "SENAB's replies are more varied than the base model's."
         else:
             lowest = "LoRA" if lora["distinct_2"] < bridge["distinct_2"] else "SENAB"
-            why += (f"both trained models repeat more than the base model, {lowest} the most, so the bridge "
-                    "adds no diversity" + (", it only removes less." if lowest == "LoRA" else "."))
+            reason += (f"both trained models repeat more than the base model, {lowest} the most, so the "
+                       "bridge adds no diversity" + (", it only removes less." if lowest == "LoRA" else "."))
         row("SENAB's replies are more diverse than LoRA's (Distinct-2)",
             f"{o['distinct_2'][0]} vs {o['distinct_2'][1]}",
-            f"{bridge['distinct_2']:.3f} vs {lora['distinct_2']:.3f}", higher, why)
+            f"{bridge['distinct_2']:.3f} vs {lora['distinct_2']:.3f}", higher, reason)
     explain = {"semantic_similarity": "Semantic similarity compares meaning, so a long reply that contains the "
                                       "answer still scores well.",
                "rouge_l": "ROUGE-L F1 counts the words shared in order with a one-sentence reference, so a reply "
@@ -342,14 +344,14 @@ def original_comparison(methods: list[dict[str, Any]], senab: dict[str, Any]) ->
         if bridge.get(key) is None or lora.get(key) is None or base.get(key) is None:
             continue
         gap = bridge[key] - lora[key]
-        holds = True if abs(gap) <= 0.05 else f"does not hold: SENAB scores {'higher' if gap > 0 else 'lower'}"
+        outcome = True if abs(gap) <= 0.05 else f"does not hold: SENAB scores {'higher' if gap > 0 else 'lower'}"
         lengths = ", ".join(f"{m['name']} {m['qa_reply_words']:.0f}" for m in (base, bridge, lora)
                             if m.get("qa_reply_words") is not None)
-        why = "32 questions, greedy; every method was trained on chitchat only. " + explain[key]
+        reason = "32 questions, greedy; every method was trained on chitchat only. " + explain[key]
         if lengths:
-            why += f" Mean reply length in words: {lengths}."
+            reason += f" Mean reply length in words: {lengths}."
         row(f"SENAB scores within 0.05 of LoRA on question answering ({name})", f"{o[key][0]} vs {o[key][1]}",
-            f"{bridge[key]:.2f} vs {lora[key]:.2f} (base {base[key]:.2f})", holds, why)
+            f"{bridge[key]:.2f} vs {lora[key]:.2f} (base {base[key]:.2f})", outcome, reason)
     if not rows:
         return []
     return ["## The original's reported effects, checked here", "",

@@ -76,8 +76,9 @@ def style_jump(generator: Generator, tokenizer, checkpoint: Checkpoint, *, max_t
 
 
 def pca(points: np.ndarray, components: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Project `points` (N, C) on their first `components` principal components; return the
-    projection (N, components) and the share of variance each component explains.
+    """Project `points` (N, C) on their first `components` principal components.
+
+    Return the projection (N, components) and the share of variance each component explains.
 
     With fewer points than components the missing columns are zero.
     """

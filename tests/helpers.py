@@ -105,6 +105,26 @@ def make_tiny_llama(
     return model, tokenizer
 
 
+def save_model_and_bridge(root: Path, model_name: str = "model") -> tuple[Path, Path]:
+    """Save a tiny Llama as `root/model_name` and a bridge checkpoint for it as `root/bridge`.
+
+    The bridge's write-out is random instead of zero, so a session's state changes the
+    model's replies. Return the model and bridge directories.
+    """
+    import dataclasses
+
+    from senab.bridge import new_checkpoint
+
+    model, _ = make_tiny_llama(root / model_name, seed=0)
+    checkpoint = new_checkpoint(model.config, base_model=model_name)
+    torch.manual_seed(0)
+    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    # An empty id makes the checkpoint compute a new one for the changed weights.
+    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    return root / model_name, root / "bridge"
+
+
 def _permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder q/k rows from the Hugging Face rotary layout to llama.cpp's interleaved one."""
     rows = weight.shape[0]

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 
 import httpx
 import pytest
-import torch
 
-from senab.bridge import new_checkpoint
 from tests.app.conftest import delete_prefix
-from tests.helpers import ServerProcess, make_tiny_llama
+from tests.helpers import ServerProcess, save_model_and_bridge
 
 TURNS = ["Hello there!", "How is the weather?", "Numbers: 1 2 3", "Tell me more.", "Why?", "Goodbye."]
 
@@ -22,15 +19,9 @@ def replicas(tmp_path_factory, redis_url):
     """Start two servers of a tiny model sharing one Redis prefix. The bridge's write-out is
     not zero, so the session state changes the replies."""
     root = tmp_path_factory.mktemp("replicas")
-    model, _ = make_tiny_llama(root / "tiny-model", seed=0)
-    checkpoint = new_checkpoint(model.config, base_model="tiny-model")
-    torch.manual_seed(0)
-    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
-        torch.nn.init.normal_(layer.weight, std=0.5)
-    # A new id for the changed weights.
-    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    model_dir, bridge_dir = save_model_and_bridge(root, "tiny-model")
     prefix = f"senab-replicas-{uuid.uuid4().hex}"
-    env = {"SENAB_MODEL": str(root / "tiny-model"), "SENAB_BRIDGE": str(root / "bridge"), "REDIS_URL": redis_url,
+    env = {"SENAB_MODEL": str(model_dir), "SENAB_BRIDGE": str(bridge_dir), "REDIS_URL": redis_url,
            "SENAB_REDIS_PREFIX": prefix, "SENAB_DEFAULT_TEMPERATURE": "0", "SENAB_MAX_TOKENS_DEFAULT": "6"}
     servers = []
     try:

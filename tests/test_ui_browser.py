@@ -7,17 +7,13 @@ build/test-artifacts/ (or SENAB_TEST_ARTIFACTS).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from pathlib import Path
 
 import pytest
-import torch
 
-from senab.bridge import new_checkpoint
 from tests.browser import ARTIFACTS, CONTRAST_SCRIPT, chromium, chromium_path
 from tests.conftest import RedisServer, free_port
-from tests.helpers import ServerProcess, make_tiny_llama
+from tests.helpers import ServerProcess, save_model_and_bridge
 
 API_KEY = "ui-test-key-0123456789"
 TIMEOUT_MS = 30_000
@@ -45,15 +41,10 @@ def stack(tmp_path_factory):
 
     expect.set_options(timeout=TIMEOUT_MS)  # the default 5 s is short on a loaded 2-core machine
     root = tmp_path_factory.mktemp("ui")
-    model, _ = make_tiny_llama(root / "model", seed=0)
-    checkpoint = new_checkpoint(model.config, base_model="model")
-    torch.manual_seed(0)
-    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
-        torch.nn.init.normal_(layer.weight, std=0.5)
-    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    model_dir, bridge_dir = save_model_and_bridge(root)
     redis_server = RedisServer(port=free_port())
     redis_server.start()
-    env = {"SENAB_MODEL": str(root / "model"), "SENAB_BRIDGE": str(root / "bridge"), "REDIS_URL": redis_server.url,
+    env = {"SENAB_MODEL": str(model_dir), "SENAB_BRIDGE": str(bridge_dir), "REDIS_URL": redis_server.url,
            "SENAB_API_KEYS": f"ui:{API_KEY}", "SENAB_DEFAULT_TEMPERATURE": "0", "SENAB_MAX_TOKENS_DEFAULT": "6"}
     server = None
     try:

@@ -1,6 +1,5 @@
 """`senab compare` on a tiny model, a bridge whose write-out changes replies and a LoRA adapter."""
 
-import dataclasses
 import io
 import json
 import subprocess
@@ -9,11 +8,10 @@ import sys
 import pytest
 import torch
 
-from senab.bridge import new_checkpoint
 from senab.cli import main
 from senab.compare import Answer, display_width, render_columns
 from senab.train import attach_baseline
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, save_model_and_bridge
 
 PROMPT = "List three benefits of exercise."
 
@@ -21,12 +19,7 @@ PROMPT = "List three benefits of exercise."
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    model, _ = make_tiny_llama(root / "model", seed=0)
-    checkpoint = new_checkpoint(model.config, base_model="model")
-    torch.manual_seed(0)
-    for layer in (checkpoint.bridge.write_k, checkpoint.bridge.write_v):
-        torch.nn.init.normal_(layer.weight, std=0.5)
-    dataclasses.replace(checkpoint, checkpoint_id="").save(root / "bridge")
+    save_model_and_bridge(root)
     adapted = attach_baseline(make_tiny_llama(seed=0)[0], "lora", rank=4)
     for name, parameter in adapted.named_parameters():
         if "lora_B" in name:  # zero-initialised by peft: make the adapter change the model

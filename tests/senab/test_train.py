@@ -221,13 +221,15 @@ def test_pipeline_end_to_end(tmp_path):
         assert f"]({plot})" in text, plot
     assert -1 <= report.senab["valence_r"] <= 1
     for method in report.methods:
-        assert -1 <= method.semantic_similarity <= 1 and 0 <= method.rouge_l <= 1, method.name
+        assert -1 <= method.semantic_similarity <= 1, method.name
+        assert 0 <= method.rouge_l <= 1, method.name
         assert set(method.qa_by_kind) == {"fact", "arithmetic", "definition", "instruction"}
     answered = json.loads((tmp_path / "docs" / "samples" / "qa-senab.json").read_text())
     assert len(answered) == 32 and all(set(a) >= {"question", "reply", "rouge_l"} for a in answered)
     assert "| QA semantic similarity | QA ROUGE-L F1 |" in text
     assert "## The original's reported effects, checked here" in text
-    assert len(report.senab["style_jump"]) == 6 and report.senab["style_jump"][0]["style"] == "academic"
+    assert len(report.senab["style_jump"]) == 6
+    assert report.senab["style_jump"][0]["style"] == "academic"
 
 
 def test_distinct_n_and_silhouette():

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto picks bfloat16 on CUDA and on CPUs with native bf16.")
+    quantization: Literal["auto", "none", "int4"] = Field(
+        "auto", description="Weights of the linear layers on a CPU: int4 runs them as 4-bit groups of 32; auto "
+                            "does so only where that is exact (the default model's Q4_1 source); none keeps "
+                            "them dense.")
     home: str | None = Field(None, description="Directory for pulled models and bridge checkpoints "
                                                "(default ~/.cache/senab).")
     bridge: str | None = Field(None, description="Bridge checkpoint directory; unset uses the default "

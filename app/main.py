@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.chat import ChatService
 from app.config import Settings
 from app.deps import Services
-from app.engine import Engine, ServedModel
+from app.engine import Engine, ServedModel, keep_main_thread_serial
 from app.errors import error_body, install_error_handlers
 from app.metrics import Metrics, endpoint_label
 from app.routes import chat, health, sessions
@@ -36,8 +36,10 @@ def load_served_model(settings: Settings) -> ServedModel:
     from senab.bridge import checkpoint_for_model
     from senab.models import load_model
 
+    keep_main_thread_serial()
     home = Path(settings.home).expanduser() if settings.home else None
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, home=home)
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, home=home,
+                        quantization=settings.quantization)
     checkpoint, origin = checkpoint_for_model(loaded.name, loaded.model.config, path=settings.bridge or None,
                                               base_digest=loaded.digest)
     if origin == "path":
@@ -56,7 +58,8 @@ def load_served_model(settings: Settings) -> ServedModel:
                        checkpoint.checkpoint_id, checkpoint.base_digest[:12], loaded.digest[:12])
     return ServedModel(model=loaded.model, tokenizer=loaded.tokenizer, name=loaded.name,
                        context_length=loaded.context_length, checkpoint=checkpoint,
-                       device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."))
+                       device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
+                       weights=loaded.quantization)
 
 
 # Probes and scrapers call these every few seconds; their access lines are logged at DEBUG.
@@ -178,8 +181,8 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
         )
         if not app.state.services.api_keys:
             logger.info("SENAB_API_KEYS is unset: requests need no API key and share one tenant")
-        logger.info("serving %s and %s on %s (%s), bridge checkpoint %s, %d trainable bridge parameters; "
-                    "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype,
+        logger.info("serving %s and %s on %s (%s, %s), bridge checkpoint %s, %d trainable bridge parameters; "
+                    "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype, model.weights,
                     model.checkpoint.checkpoint_id, model.checkpoint.bridge.num_parameters(),
                     time.monotonic() - started)
         try:

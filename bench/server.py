@@ -5,7 +5,7 @@ Starts `senab serve` as a subprocess on a free loopback port (state in the Redis
 `+senab` model through /v1/chat/completions, and prints per level: aggregate tokens/s,
 per-stream tokens/s, time to first token p50/p99, and the ratios of DESIGN section 10.
 The single-stream rate is compared with the bare model's own loop (`model.generate`) in
-this process, same dtype, measured while the server is idle. The server's peak resident
+this process, same dtype and weights, measured while the server is idle. The server's peak resident
 memory comes from /proc (Linux).
 
 Usage: python bench/server.py [--tokens 64] [--levels 1,2,4,8,16] [--redis-url URL]
@@ -75,12 +75,12 @@ async def run_level(url: str, model: str, streams: int, tokens: int) -> dict[str
             "ttft_p99": percentile(ttft, 99)}
 
 
-def bare_loop_tokens_per_s(dtype: str, tokens: int) -> float:
+def bare_loop_tokens_per_s(dtype: str, quantization: str, tokens: int) -> float:
     from bench.decode import bare_tokens_per_s
     from senab.models import load_model
     from senab.prompt import build_prompt
 
-    loaded = load_model(None, dtype=dtype)
+    loaded = load_model(None, dtype=dtype, quantization=quantization)
     ids = build_prompt(loaded.tokenizer, [("user", PROMPT)]).ids
     bare_tokens_per_s(loaded.model, ids, 8)  # warm-up
     return max(bare_tokens_per_s(loaded.model, ids, tokens) for _ in range(2))
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,2,4,8,16", help="concurrent streams per level")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--dtype", default="auto", help="server and bare-loop dtype (default auto)")
+    parser.add_argument("--quantization", default="auto", help="server and bare-loop quantization (default auto)")
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{prefix}.log"
     env = {"REDIS_URL": args.redis_url, "SENAB_REDIS_PREFIX": prefix, "SENAB_DTYPE": args.dtype,
+           "SENAB_QUANTIZATION": args.quantization,
            "SENAB_MAX_BATCH_SIZE": str(max(levels)), "SENAB_LOG_LEVEL": "WARNING"}
     server = start_server(port, env, log_path)
     url = f"http://127.0.0.1:{port}"
@@ -111,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         peak_mb = peak_rss_mb(server.pid)
     finally:
         stop_server(server, args.redis_url, prefix)
-    bare = bare_loop_tokens_per_s(args.dtype, args.tokens)
+    bare = bare_loop_tokens_per_s(args.dtype, args.quantization, args.tokens)
 
     single = next(r for r in results if r["streams"] == 1)
     rows = [[r["streams"], r["tokens"], r["aggregate"], r["aggregate"] / single["aggregate"], r["per_stream"],
              r["ttft_p50"], r["ttft_p99"]] for r in results]
-    print(f"{hardware()}; server dtype {args.dtype}; {args.tokens} tokens per stream")
+    print(f"{hardware()}; server dtype {args.dtype}, quantization {args.quantization}; {args.tokens} tokens per stream")
     print_table("HTTP server, streaming", ["streams", "tokens", "aggregate tok/s", "x one stream",
                                           "per-stream tok/s", "TTFT p50 s", "TTFT p99 s"], rows)
     print(f"\nbare model.generate, one sequence: {bare:.1f} tokens/s; server peak RSS {peak_mb:.0f} MB")

@@ -186,7 +186,8 @@ class BridgeState:
         self.readout_sum = torch.zeros_like(self.sessions)
         self.readout_count = torch.zeros(len(turn_starts), device=device)
         self.valid: torch.Tensor | None = None
-        self.delta_k: torch.Tensor | None = None  # (B, T, d_kv) for the current forward call
+        # (m, B, T, d_kv) for the current forward call: per bridged layer, gain included.
+        self.delta_k: torch.Tensor | None = None
         self.delta_v: torch.Tensor | None = None
 
     def readout(self) -> torch.Tensor:
@@ -235,14 +236,9 @@ class _BridgedProjection(nn.Module):
         if state is None or not handle.enabled:
             return out
         delta = state.delta_k if self.kind == "k" else state.delta_v
-        if delta is None or delta.shape[:2] != out.shape[:2]:
+        if delta is None or delta.shape[1:3] != out.shape[:2]:
             raise RuntimeError("bridge delta does not match this forward call; was the read-in hook skipped?")
-        gain = (self.handle_bridge.gain_k if self.kind == "k" else self.handle_bridge.gain_v)[self.slot]
-        return out + (gain * delta).to(out.dtype)
-
-    @property
-    def handle_bridge(self) -> Bridge:
-        return self._handle[0].bridge
+        return out + delta[self.slot]
 
 
 class BridgeHandle:
@@ -271,25 +267,32 @@ class BridgeHandle:
         if state is None or not self.enabled:
             return
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
-        valid = state.valid
-        if valid is None:
-            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        valid = valid.to(hidden.device)
+        # valid None means every new position is real (a decode step).
+        valid = None if state.valid is None else state.valid.to(hidden.device)
 
         x0 = self.bridge.seed_lattice(hidden, state.sessions)
         lattice, state.cache = self.bridge.cell.grow(x0, state.cache, valid)  # (B, T, C)
         delta_k, delta_v = self.bridge.write_out(lattice)
-        enabled = state.row_enabled.view(-1, 1, 1)
-        state.delta_k = torch.where(enabled, delta_k, torch.zeros_like(delta_k))
-        state.delta_v = torch.where(enabled, delta_v, torch.zeros_like(delta_v))
+        # Gained per bridged layer and zero in switched-off rows: (m, B, T, d_kv) in the
+        # model's dtype, so each wrapped projection only adds its slice.
+        enabled = state.row_enabled.to(lattice.dtype).view(1, -1, 1, 1)
+        gain_k = self.bridge.gain_k.view(-1, 1, 1, 1) * enabled
+        gain_v = self.bridge.gain_v.view(-1, 1, 1, 1) * enabled
+        state.delta_k = (gain_k * delta_k).to(hidden.dtype)
+        state.delta_v = (gain_v * delta_v).to(hidden.dtype)
 
         # Readout: accumulate the lattice over real positions at or after the turn start.
-        positions = state.positions.unsqueeze(1) + valid.long().cumsum(1) - 1  # (B, T)
-        in_turn = valid & (positions >= state.turn_starts.unsqueeze(1))
-        weights = in_turn.float().unsqueeze(-1)
-        state.readout_sum = state.readout_sum + (lattice * weights).sum(1)
-        state.readout_count = state.readout_count + in_turn.float().sum(1)
-        state.positions = state.positions + valid.long().sum(1)
+        if valid is None:
+            positions = state.positions.unsqueeze(1) + torch.arange(hidden.shape[1], device=hidden.device)
+            in_turn = positions >= state.turn_starts.unsqueeze(1)  # (B, T)
+            state.positions = state.positions + hidden.shape[1]
+        else:
+            positions = state.positions.unsqueeze(1) + valid.long().cumsum(1) - 1  # (B, T)
+            in_turn = valid & (positions >= state.turn_starts.unsqueeze(1))
+            state.positions = state.positions + valid.long().sum(1)
+        weights = in_turn.float()
+        state.readout_sum = state.readout_sum + (lattice * weights.unsqueeze(-1)).sum(1)
+        state.readout_count = state.readout_count + weights.sum(1)
 
     def detach(self) -> None:
         """Remove the wrappers and the hook, restoring the original modules."""

@@ -207,6 +207,7 @@ class Generator:
         self.device = next(model.parameters()).device
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        contiguous_output_input(model)
 
     def stream(self, requests: list[GenerationRequest],
                should_cancel: Callable[[int], bool] | None = None) -> Iterator[list[RowOutput]]:
@@ -443,6 +444,28 @@ class _null_context:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _make_contiguous(module, args: tuple) -> tuple:
+    # Not `.contiguous()`: a (1, 1, d) view counts as contiguous whatever its strides, and
+    # still takes the slow path.
+    return (torch.empty_like(args[0], memory_format=torch.contiguous_format).copy_(args[0]), *args[1:])
+
+
+def contiguous_output_input(model) -> None:
+    """Make the output layer's input contiguous (once per model; idempotent).
+
+    With `logits_to_keep=1` after a prefill, the output layer gets the last position of
+    each row, a (B, 1, d) view with gaps. `F.linear` then runs as a batched product over a
+    copy of the weight expanded B times: for the 49K x 576 output layer of SmolLM2 and 16
+    prompts, a 0.9 GB copy that took 1.1 s of a 2.8 s prefill. A contiguous input takes
+    the plain matrix product; the logits are the same.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None or getattr(output, "_senab_contiguous_input", False):
+        return
+    output.register_forward_pre_hook(_make_contiguous)
+    output._senab_contiguous_input = True
 
 
 def default_eos_ids(model, tokenizer) -> set[int]:

@@ -98,6 +98,7 @@ class LoadedModel:
     dtype: torch.dtype
     context_length: int
     digest: str | None
+    quantization: str = "dense weights"  # QuantizationReport.describe() of how the weights are held
 
 
 def senab_home() -> Path:
@@ -533,18 +534,32 @@ def load_model(
     dtype: str = "auto",
     home: Path | None = None,
     pull: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Resolve `spec`, then load its causal LM frozen (eval mode, no grads) and its tokenizer.
 
-    See `resolve_model` for the specs, `resolve_device` and `resolve_dtype` for "auto". The
-    tokenizer pads on the left and uses eos as pad when it has no pad token. Raises ModelError
-    for invalid options and for missing, corrupt or mismatched model files.
+    See `resolve_model` for the specs, `resolve_device` and `resolve_dtype` for "auto", and
+    `senab.quant` for `quantization` (auto, none or int4; training and evaluation keep the
+    default none). The tokenizer pads on the left and uses eos as pad when it has no pad
+    token. Raises ModelError for invalid options and for missing, corrupt or mismatched
+    model files.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from safetensors import SafetensorError
 
+    from senab.generation import contiguous_output_input
+    from senab.quant import QUANTIZATIONS, QuantizationError, quantize_model
+
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantization not in QUANTIZATIONS:
+        raise ModelError(f"Invalid quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "int4" and torch_device.type != "cpu":
+        raise ModelError(f"Cannot use int4 weights on {torch_device}: the 4-bit kernel is for CPUs; "
+                         "set quantization to auto or none")
+    # 4-bit groups are found in float32 weights (see senab.quant); the rest of the model is
+    # cast to the requested dtype afterwards.
+    quantize = quantization != "none" and torch_device.type == "cpu"
     resolved = resolve_model(spec, home=home, pull=pull)
 
     digest = None if resolved.source == "hub" else model_digest(resolved.path)
@@ -555,14 +570,20 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(resolved.path)
         context_length = _context_length(config, resolved.path)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, config=config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, config=config,
+                                                     dtype=torch.float32 if quantize else torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except load_errors as exc:
         raise ModelError(
             f"Failed to load model {resolved.name} from {resolved.path} ({_first_line(exc)}): {_fix_hint(resolved)}"
         ) from exc
 
-    model.to(torch_device)
+    try:
+        report = quantize_model(model, quantization if quantize else "none")
+    except QuantizationError as exc:
+        raise ModelError(str(exc)) from exc
+    model.to(device=torch_device, dtype=torch_dtype)
+    contiguous_output_input(model)
     model.eval()
     model.requires_grad_(False)
 
@@ -571,8 +592,9 @@ def load_model(
     tokenizer.padding_side = "left"
 
     logger.info(
-        "loaded %s from %s on %s as %s in %.1f s",
-        resolved.name, resolved.path, torch_device, str(torch_dtype).removeprefix("torch."), time.monotonic() - started,
+        "loaded %s from %s on %s as %s with %s in %.1f s",
+        resolved.name, resolved.path, torch_device, str(torch_dtype).removeprefix("torch."), report.describe(),
+        time.monotonic() - started,
     )  # fmt: skip
     return LoadedModel(
         model=model,
@@ -582,4 +604,5 @@ def load_model(
         dtype=torch_dtype,
         context_length=context_length,
         digest=digest,
+        quantization=report.describe(),
     )

@@ -66,6 +66,44 @@ class NCACell(nn.Module):
         )
         self.gate = nn.Linear(3 * c, 1)
         nn.init.constant_(self.gate.bias, config.gate_bias)
+        self._fused: tuple[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _fused_input_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perception, the update's first layer and the gate folded into one affine map.
+
+        For one new position the perception is a linear map of the w-wide window, and the
+        update's first layer and the gate are linear maps of the perception, so the three
+        compose into one matrix (mlp_hidden + 1, w*C) and bias. Rebuilt whenever a parameter
+        changes (an optimizer step or a load bumps its version).
+        """
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._fused is None or self._fused[0] != key:
+            c, width = self.config.channels, self.config.kernel_width
+            # Window index j*C + c holds position j (oldest first), channel c.
+            perceive = self.perceive.weight.permute(0, 2, 1).reshape(3 * c, width * c)
+            first = torch.cat([self.update[0].weight, self.gate.weight])  # (H + 1, 3C)
+            bias = torch.cat([self.update[0].bias, self.gate.bias]) + first @ self.perceive.bias
+            self._fused = (key, ((first @ perceive).contiguous(), bias))
+        return self._fused[1]
+
+    def _grow_one(self, x: torch.Tensor, cache: NCACache) -> tuple[torch.Tensor, NCACache]:
+        """`grow` for one new position per row, without padding or autograd: the decode step.
+
+        Equal to the general path up to float rounding (the fused map sums in another order).
+        """
+        weight, bias = self._fused_input_layers()
+        hidden = self.config.mlp_hidden
+        norm, second = self.update[1], self.update[3]
+        batch = x.shape[0]
+        new_cache: NCACache = []
+        for step in range(self.config.steps):
+            window = torch.cat([cache[step], x], dim=1)  # (B, w, C)
+            new_cache.append(window[:, 1:, :])
+            mixed = torch.addmm(bias, window.reshape(batch, -1), weight.t())  # (B, H + 1)
+            update = second(nn.functional.silu(nn.functional.layer_norm(
+                mixed[:, :hidden], norm.normalized_shape, norm.weight, norm.bias, norm.eps)))
+            x = torch.lerp(x, update.unsqueeze(1), torch.sigmoid(mixed[:, hidden:]).unsqueeze(1))
+        return x, new_cache
 
     def empty_cache(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> NCACache:
         """Return the cache of a sequence with no positions yet (zeros are the causal padding)."""
@@ -85,6 +123,8 @@ class NCACell(nn.Module):
         if cache is None:
             cache = self.empty_cache(x.shape[0], device=x.device, dtype=x.dtype)
         keep = self.config.kernel_width - 1
+        if x.shape[1] == 1 and valid is None and trace is None and not torch.is_grad_enabled():
+            return self._grow_one(x, cache)
         mask = None if valid is None else valid.unsqueeze(-1)  # (B, T, 1)
         if mask is not None:
             x = torch.where(mask, x, torch.zeros_like(x))

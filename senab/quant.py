@@ -1,0 +1,234 @@
+"""4-bit weights for decoding on a CPU.
+
+Decoding one token reads every weight once, so on a CPU its speed is set by the bytes of
+the weights. The default model ships as a Q4_1 GGUF file: every linear weight of its
+decoder layers is stored as 4-bit codes in groups of 32 input values, each group with its
+own scale d and minimum m (w = d * q + m, q in 0..15). `senab models pull` dequantizes it to
+float32, and serving it in bfloat16 reads 2 bytes per weight where the file holds about
+0.6 (4 bits plus two 16-bit numbers per 32 weights).
+
+`quantize_model` finds those groups again in the float32 weights and runs each linear layer
+through PyTorch's 4-bit matrix product for CPUs (`aten._weight_int4pack_mm_for_cpu`, groups
+of 32 along the input dimension, w = (q - 8) * scale + zero). For a Q4_1 source the codes,
+scales and minimums come back exactly, so the model computes what the float32 model
+computes, up to the rounding of scale and zero to the activation dtype.
+
+Modes: "none" keeps the dense weights; "int4" quantizes every eligible layer, exact or not
+(for weights not already on a 4-bit grid this loses accuracy, as any 4-bit quantization
+does); "auto" quantizes only when the model runs on a CPU and every eligible layer is
+exact, so it never changes what the model computes beyond rounding. The output layer
+(the token embeddings in tied models, 8-bit in the Q4_1 file) stays dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["auto", "none", "int4"]
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int4")
+GROUP_SIZE = 32
+LEVELS = 15  # largest 4-bit code
+# Rounding of the float32 dequantization leaves relative errors near 1e-7; a grid that
+# does not fit the weights leaves errors near half a quantization step, about 3% of a
+# group's range. The threshold sits far from both.
+EXACT_TOLERANCE = 1e-4
+_KERNEL = "_weight_int4pack_mm_for_cpu"
+
+
+class QuantizationError(ValueError):
+    """A quantization mode that cannot run here; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class GroupwiseGrid:
+    """4-bit codes with a scale and minimum per group of `GROUP_SIZE` input values."""
+
+    codes: torch.Tensor  # (N, K) int32 in 0..LEVELS
+    scales: torch.Tensor  # (N, K / GROUP_SIZE) float32
+    minimums: torch.Tensor  # (N, K / GROUP_SIZE) float32
+    relative_error: float  # largest |dequantized - weight| over the range of its group
+
+    @property
+    def exact(self) -> bool:
+        return self.relative_error <= EXACT_TOLERANCE
+
+
+def groupwise_grid(weight: torch.Tensor) -> GroupwiseGrid:
+    """Fit codes, scales and minimums to `weight` (N, K) from each group's minimum and maximum.
+
+    A Q4_1 quantizer maps a group's minimum to code 0 and its maximum to code 15, so for
+    weights dequantized from Q4_1 these are the original codes, scales and minimums.
+    """
+    rows, columns = weight.shape
+    groups = weight.detach().float().reshape(rows, columns // GROUP_SIZE, GROUP_SIZE)
+    minimums = groups.amin(-1)
+    spans = groups.amax(-1) - minimums
+    scales = torch.where(spans > 0, spans / LEVELS, torch.ones_like(spans))
+    codes = torch.round((groups - minimums[..., None]) / scales[..., None]).clamp_(0, LEVELS)
+    error = (codes * scales[..., None] + minimums[..., None] - groups).abs().amax(-1)
+    relative = (error / torch.where(spans > 0, spans, torch.ones_like(spans))).max().item()
+    return GroupwiseGrid(codes.reshape(rows, columns).to(torch.int32), scales, minimums, relative)
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, _KERNEL)
+
+
+def int4_ineligible(module: nn.Linear) -> str | None:
+    """Return why the CPU kernel cannot run `module`, or None when it can."""
+    out_features, in_features = module.weight.shape
+    if in_features % GROUP_SIZE:
+        return f"input size {in_features} is not a multiple of {GROUP_SIZE}"
+    if out_features % 16:
+        return f"output size {out_features} is not a multiple of 16"
+    if module.weight.device.type != "cpu":
+        return f"weights are on {module.weight.device}"
+    return None
+
+
+class Int4Linear(nn.Module):
+    """A linear layer whose weight is 4-bit groupwise codes, for CPU inference.
+
+    The packed codes are a uint8 buffer (2 codes per byte, in the kernel's tiled layout);
+    `scales_and_zeros` (K / 32, N, 2) follows the model's dtype through `.to(dtype)` and must
+    match the activations' dtype, because the kernel takes both in one dtype.
+    """
+
+    def __init__(self, grid: GroupwiseGrid, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = grid.codes.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes, 1))
+        # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
+        zeros = grid.minimums + 8 * grid.scales
+        self.register_buffer("scales_and_zeros", torch.stack([grid.scales.t(), zeros.t()], -1).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, grid: GroupwiseGrid | None = None) -> Int4Linear:
+        return cls(grid or groupwise_grid(module.weight), module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.scales_and_zeros
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != scales.dtype:
+            flat = flat.to(scales.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float32 weight this layer multiplies by (for tests and inspection)."""
+        identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP_SIZE,
+                                                          self.scales_and_zeros).t().float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+
+
+@dataclass
+class QuantizationReport:
+    """What `quantize_model` did: the mode in effect and why."""
+
+    requested: str
+    applied: Literal["none", "int4"] = "none"
+    reason: str = ""
+    layers: int = 0
+    exact: bool = True
+    relative_error: float = 0.0  # largest over the quantized layers
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
+
+    def describe(self) -> str:
+        if self.applied == "none":
+            return f"dense weights ({self.reason})" if self.reason else "dense weights"
+        exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
+        return f"int4 weights in {self.layers} layers ({exactness})"
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear of the model except the output layer."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not output]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, module)
+
+
+def quantize_model(model: nn.Module, mode: str) -> QuantizationReport:
+    """Replace the model's linear layers by `Int4Linear` as `mode` asks; see the module doc.
+
+    Call it on float32 weights: weights already rounded to bfloat16 are no longer on their
+    4-bit grid, so "auto" would keep them dense. Raises QuantizationError when "int4" is
+    asked for where it cannot run.
+    """
+    if mode not in QUANTIZATIONS:
+        raise QuantizationError(f"Invalid quantization {mode!r}: use one of {', '.join(QUANTIZATIONS)}")
+    report = QuantizationReport(requested=mode)
+    if mode == "none":
+        report.reason = "quantization none"
+        return report
+
+    device = next(model.parameters()).device
+    problem = None
+    if device.type != "cpu":
+        problem = f"the model runs on {device} and the 4-bit kernel is for CPUs"
+    elif not int4_kernel_available():
+        problem = f"this PyTorch {torch.__version__} has no {_KERNEL}"
+    if problem:
+        if mode == "int4":
+            raise QuantizationError(f"Cannot use int4 weights: {problem}; set quantization to auto or none")
+        report.reason = problem
+        return report
+
+    # Layer by layer, so that only one layer's codes exist at a time; the replaced layers
+    # are kept until the end, so that "auto" can put every one of them back.
+    replaced: list[tuple[str, nn.Module]] = []
+    errors: list[float] = []
+    for name, module in _candidates(model):
+        why = int4_ineligible(module)
+        if why is not None:
+            report.skipped[name] = why
+            continue
+        grid = groupwise_grid(module.weight)
+        if mode == "auto" and not grid.exact:
+            for replaced_name, original in replaced:
+                _set_module(model, replaced_name, original)
+            report.reason = (f"{name} is not on a 4-bit grid of {GROUP_SIZE} "
+                             f"(error {grid.relative_error:.1%} of a group's range)")
+            return report
+        _set_module(model, name, Int4Linear(grid, module.bias))
+        replaced.append((name, module))
+        errors.append(grid.relative_error)
+    if not replaced:
+        report.reason = "no linear layer fits the 4-bit kernel"
+        if mode == "int4":
+            raise QuantizationError(f"Cannot use int4 weights: {report.reason} ({_first_skip(report)}); "
+                                    "set quantization to auto or none")
+        return report
+
+    report.applied = "int4"
+    report.layers = len(replaced)
+    report.relative_error = max(errors)
+    report.exact = report.relative_error <= EXACT_TOLERANCE
+    if report.skipped:
+        logger.info("%d linear layers stay dense: %s", len(report.skipped), _first_skip(report))
+    if not report.exact:
+        logger.warning("int4 weights round the model's weights by up to %.1f%% of a group's range; "
+                       "quantization auto keeps such a model dense", 100 * report.relative_error)
+    return report
+
+
+def _first_skip(report: QuantizationReport) -> str:
+    name, why = next(iter(report.skipped.items()), ("", ""))
+    return f"{name}: {why}" if name else "no linear layers"

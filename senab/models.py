@@ -548,18 +548,17 @@ def load_model(
     from safetensors import SafetensorError
 
     from senab.generation import contiguous_output_input
-    from senab.quant import QUANTIZATIONS, QuantizationError, quantize_model
+    from senab.quant import QuantizationError, int4_blocker, quantize_model
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if quantization not in QUANTIZATIONS:
-        raise ModelError(f"Invalid quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
-    if quantization == "int4" and torch_device.type != "cpu":
-        raise ModelError(f"Cannot use int4 weights on {torch_device}: the 4-bit kernel is for CPUs; "
-                         "set quantization to auto or none")
+    try:
+        blocker = int4_blocker(quantization, torch_device, torch_dtype)
+    except QuantizationError as exc:
+        raise ModelError(str(exc)) from None
     # 4-bit groups are found in float32 weights (see senab.quant); the rest of the model is
     # cast to the requested dtype afterwards.
-    quantize = quantization != "none" and torch_device.type == "cpu"
+    quantize = quantization != "none" and blocker is None
     resolved = resolve_model(spec, home=home, pull=pull)
 
     digest = None if resolved.source == "hub" else model_digest(resolved.path)
@@ -572,6 +571,7 @@ def load_model(
         context_length = _context_length(config, resolved.path)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, config=config,
                                                      dtype=torch.float32 if quantize else torch_dtype)
+        model.to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except load_errors as exc:
         raise ModelError(
@@ -579,7 +579,7 @@ def load_model(
         ) from exc
 
     try:
-        report = quantize_model(model, quantization if quantize else "none")
+        report = quantize_model(model, quantization, torch_dtype)
     except QuantizationError as exc:
         raise ModelError(str(exc)) from exc
     model.to(device=torch_device, dtype=torch_dtype)

@@ -138,8 +138,10 @@ def save_tiny_gguf(
     *,
     chat_template: str | None = CHATML_TEMPLATE,
     eos_token: str = "<|im_end|>",
+    q4_1: bool = False,
 ) -> Path:
-    """Write `model` and its byte-level BPE `tokenizer` as an unquantized (F32) llama GGUF file.
+    """Write `model` and its byte-level BPE `tokenizer` as a llama GGUF file, F32 throughout or,
+    with `q4_1`, with the decoder's linear weights as Q4_1 (as in the default model's file).
 
     Tensor names follow llama.cpp, and q/k rows are permuted as the GGUF loader of transformers 5.25
     (`LlamaTensorProcessor`) expects, so transformers loads the file back to the same weights.
@@ -201,7 +203,11 @@ def save_tiny_gguf(
                 weight = _permute_for_gguf(weight, config.num_key_value_heads)
             writer_tensors[f"blk.{layer}.{gguf_name}.weight"] = weight
     for name, tensor in writer_tensors.items():
-        writer.add_tensor(name, tensor.numpy())
+        if q4_1 and name.startswith("blk.") and tensor.ndim == 2:
+            kind = gguf.GGMLQuantizationType.Q4_1
+            writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, tensor.numpy())
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -297,3 +297,19 @@ def test_unicode_edge_cases_round_trip(live_server):
 
     assert first.status_code == 200
     assert again.json()["senab"]["turn"] == 1  # the same conversation is a retry, not a new turn
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--quantization", "q8"], 2, "invalid setting SENAB_QUANTIZATION='q8'"),
+    (["--quantization", "int4", "--dtype", "float32"], 1, "set dtype to bfloat16"),
+])
+def test_serve_explains_a_quantization_it_cannot_use(flags, code, message, tmp_path):
+    import subprocess
+    import sys
+
+    # Both are refused before any model is looked for (SENAB_HOME is empty).
+    result = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0", *flags], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "SENAB_HOME": str(tmp_path)})
+
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from senab.generation import (
-    GenerationRequest, Generator, IncrementalDetokenizer, SamplingParams, StopMatcher, sample_next_token,
+    GenerationRequest, Generator, IncrementalDetokenizer, SamplingParams, StopMatcher, contiguous_output_input,
+    sample_next_token,
 )
 from senab.prompt import build_prompt, conversation_digest
 from tests.helpers import make_tiny_llama, make_tiny_tokenizer
@@ -179,3 +180,20 @@ def test_conversation_digest_depends_on_every_message():
     assert conversation_digest("m", base) == conversation_digest("m", list(base))
     assert conversation_digest("m", base) != conversation_digest("m", base[:-1] + [("user", "d")])
     assert conversation_digest("m", base) != conversation_digest("m2", base)
+
+
+def test_output_layer_input_is_made_contiguous_once():
+    model, _ = make_tiny_llama(seed=1)
+    hidden = torch.randn(3, 5, model.config.hidden_size)
+    last = hidden[:, -1:, :]  # what logits_to_keep=1 passes: a strided view
+    assert last.stride() != torch.empty_like(last, memory_format=torch.contiguous_format).stride()
+    head = model.get_output_embeddings()
+    expected = head(last.contiguous())
+    contiguous_output_input(model)
+    contiguous_output_input(model)
+    assert len(head._forward_pre_hooks) == 1
+    seen = []
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+    torch.testing.assert_close(head(last), expected)
+    handle.remove()
+    assert seen == [(model.config.hidden_size, model.config.hidden_size, 1)]  # contiguous (3, 1, d)

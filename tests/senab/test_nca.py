@@ -59,3 +59,30 @@ def test_padded_positions_act_as_causal_padding(cell):
 def test_config_rejects_nonpositive(field):
     with pytest.raises(ValueError, match=field):
         NCAConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_decode_step_without_autograd_equals_full(width):
+    # One position at a time under no_grad takes the fused path (perception, first update
+    # layer and gate folded into one matrix), which sums in another order.
+    torch.manual_seed(width)
+    cell = NCACell(NCAConfig(kernel_width=width)).eval()
+    x = torch.randn(3, 12, 32)
+    full, _ = cell.grow(x)
+    with torch.no_grad():
+        pieces, cache = [], None
+        for t in range(12):
+            out, cache = cell.grow(x[:, t:t + 1], cache)
+            pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_decode_step_follows_parameter_updates(cell):
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        before, _ = cell.grow(x)
+        cell.update[3].bias.add_(0.5)  # an in-place change, as an optimizer step makes
+        after, _ = cell.grow(x)
+    expected, _ = cell.grow(x)  # with autograd: the general path
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)

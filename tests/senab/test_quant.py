@@ -1,0 +1,196 @@
+"""4-bit weights (senab.quant) and the model loader's quantization option."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from senab.bridge import attach_bridge, new_checkpoint
+from senab.generation import GenerationRequest, Generator, SamplingParams
+from senab.models import ModelError, load_model
+from senab.prompt import build_prompt
+from senab.quant import (
+    EXACT_TOLERANCE, GROUP_SIZE, Int4Linear, QuantizationError, groupwise_grid, int4_blocker, quantize_model,
+)
+from tests.helpers import make_tiny_llama, randomize_write_out, save_tiny_gguf
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+
+
+def q4_1_weight(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a float32 weight dequantized from Q4_1 blocks (float16 d and m) and its codes."""
+    rng = np.random.default_rng(seed)
+    groups = columns // GROUP_SIZE
+    codes = rng.integers(0, 16, size=(rows, groups, GROUP_SIZE))
+    codes[..., 0], codes[..., 1] = 0, 15  # a Q4_1 quantizer maps each group's min and max there
+    d = rng.uniform(0.001, 0.02, size=(rows, groups, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.15, 0.0, size=(rows, groups, 1)).astype(np.float16).astype(np.float32)
+    weight = (codes * d + m).astype(np.float32).reshape(rows, columns)
+    return torch.from_numpy(weight), torch.from_numpy(codes.reshape(rows, columns))
+
+
+def snap_to_q4_1(model: nn.Module) -> None:
+    """Round every eligible linear weight of `model` to a Q4_1 grid, in place."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
+            grid = groupwise_grid(module.weight)
+            rows, columns = module.weight.shape
+            codes = grid.codes.reshape(rows, -1, GROUP_SIZE).float()
+            snapped = codes * grid.scales.half().float()[..., None] + grid.minimums.half().float()[..., None]
+            module.weight.data.copy_(snapped.reshape(rows, columns))
+
+
+def test_grid_recovers_q4_1_codes_exactly():
+    weight, codes = q4_1_weight(48, 96)
+    grid = groupwise_grid(weight)
+    assert grid.exact and grid.relative_error < 1e-6
+    assert torch.equal(grid.codes, codes.to(torch.int32))
+
+
+def test_grid_of_dense_weights_is_not_exact():
+    grid = groupwise_grid(torch.randn(48, 96))
+    assert not grid.exact
+    assert grid.relative_error > 100 * EXACT_TOLERANCE
+
+
+def test_int4_linear_multiplies_by_the_grid_weight():
+    weight, _ = q4_1_weight(64, 96, seed=1)
+    linear = nn.Linear(96, 64)
+    linear.weight.data.copy_(weight)
+    layer = Int4Linear.from_linear(linear).to(torch.bfloat16)
+    torch.testing.assert_close(layer.dequantized_weight(), weight, atol=2e-3, rtol=0)
+    x = torch.randn(2, 5, 96)
+    expected = linear(x)
+    out = layer(x.to(torch.bfloat16))
+    assert out.shape == (2, 5, 64) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_int4_linear_rows_do_not_depend_on_each_other():
+    weight, _ = q4_1_weight(64, 96, seed=2)
+    linear = nn.Linear(96, 64, bias=False)
+    linear.weight.data.copy_(weight)
+    layer = Int4Linear.from_linear(linear).to(torch.bfloat16)
+    x = torch.randn(16, 96, dtype=torch.bfloat16)
+    together = layer(x)
+    for i in range(16):
+        assert torch.equal(layer(x[i:i + 1])[0], together[i])
+
+
+def test_auto_quantizes_a_model_on_a_q4_grid():
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "int4" and report.exact
+    assert report.layers == 7 * model.config.num_hidden_layers
+    assert "exact" in report.describe()
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            torch.testing.assert_close(module.dequantized_weight(), dense[name], atol=1e-6, rtol=0)
+    assert isinstance(model.get_output_embeddings(), nn.Linear)  # the output layer stays dense
+
+
+def test_auto_keeps_dense_weights_and_says_why():
+    model, _ = make_tiny_llama(seed=0)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "none"
+    assert "not on a 4-bit grid" in report.reason and "model.layers.0" in report.reason
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())  # nothing half-replaced
+
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.applied == "none" and "bfloat16" in report.reason
+
+
+def test_int4_mode_quantizes_dense_weights_lossily():
+    model, _ = make_tiny_llama(seed=0)
+    report = quantize_model(model, "int4", torch.bfloat16)
+    assert report.applied == "int4" and not report.exact
+    assert "lossy" in report.describe()
+
+
+@pytest.mark.parametrize("dtype, device, expected", [
+    (torch.float32, "cpu", "set dtype to bfloat16"),
+    (torch.bfloat16, "meta", "4-bit kernel is for CPUs"),
+])
+def test_int4_mode_where_it_cannot_run_names_the_fix(dtype, device, expected):
+    with pytest.raises(QuantizationError, match=expected):
+        int4_blocker("int4", torch.device(device), dtype)
+    assert int4_blocker("auto", torch.device(device), dtype) is not None
+    with pytest.raises(QuantizationError, match="Invalid quantization 'q8'"):
+        int4_blocker("q8", torch.device("cpu"), torch.bfloat16)
+
+
+def test_layers_the_kernel_cannot_run_stay_dense():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 40), nn.Linear(40, 64))
+    report = quantize_model(model, "int4", torch.bfloat16)
+    assert report.layers == 1 and isinstance(model[0], Int4Linear)
+    assert report.skipped == {"1": "output size 40 is not a multiple of 16",
+                              "2": "input size 40 is not a multiple of 32"}
+    with pytest.raises(QuantizationError, match="no linear layer fits the 4-bit kernel"):
+        quantize_model(nn.Sequential(nn.Linear(40, 64)), "int4", torch.bfloat16)
+
+
+def test_bridged_int4_model_decodes_the_same_alone_and_in_a_batch():
+    model, tokenizer = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    assert quantize_model(model, "auto", torch.bfloat16).applied == "int4"
+    model.to(torch.bfloat16)
+    checkpoint = new_checkpoint(model.config)
+    randomize_write_out(checkpoint.bridge)
+    base = Generator(model, tokenizer)
+    prompts = ["Hello there", "Tell me a long story about the sea", "Hi"]
+    ids = [build_prompt(tokenizer, [("user", text)]).ids for text in prompts]
+    bare = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                           do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)[0, len(p):]
+            for p in ids]
+
+    handle = attach_bridge(model, checkpoint.bridge)
+    generator = Generator(model, tokenizer, handle)
+    sessions = [np.random.default_rng(i).normal(size=32).astype(np.float32) for i in range(3)]
+    requests = [GenerationRequest(p, GREEDY, session=s) for p, s in zip(ids, sessions)]
+    alone = [generator.generate([r])[0].token_ids for r in requests]
+    together = [row.token_ids for row in generator.generate(requests)]
+    assert together == alone
+
+    # With the bridge switched off per row, each row is the base model's own greedy output.
+    off = generator.generate([GenerationRequest(p, GREEDY) for p in ids])
+    eos = tokenizer.eos_token_id
+    for row, reference in zip(off, bare):
+        assert row.token_ids == [t for t in reference.tolist() if t != eos][:len(row.token_ids)]
+    assert [r.token_ids for r in base.generate([GenerationRequest(p, GREEDY) for p in ids])] == \
+           [r.token_ids for r in off]
+
+
+@pytest.fixture(scope="module")
+def q4_1_gguf(tmp_path_factory):
+    model, tokenizer = make_tiny_llama(seed=3)
+    return save_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4.gguf", model, tokenizer, q4_1=True)
+
+
+def test_load_model_runs_a_q4_1_gguf_in_int4(q4_1_gguf, tmp_path):
+    loaded = load_model(str(q4_1_gguf), dtype="bfloat16", home=tmp_path)
+    assert loaded.quantization == "dense weights (quantization none)"  # load_model's default
+
+    loaded = load_model(str(q4_1_gguf), dtype="bfloat16", quantization="auto", home=tmp_path)
+    assert loaded.quantization.startswith("int4 weights") and "(exact)" in loaded.quantization
+    reference = load_model(str(q4_1_gguf), dtype="float32", home=tmp_path).model
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids).logits.float()
+        expected = reference(input_ids=ids).logits
+    # bfloat16 activations against the float32 model: a few hundredths on logits near 1.
+    torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
+
+    float32 = load_model(str(q4_1_gguf), dtype="float32", quantization="auto", home=tmp_path)
+    assert "bfloat16" in float32.quantization  # auto keeps float32 models dense, and says why
+
+
+def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):
+    with pytest.raises(ModelError, match="set dtype to bfloat16"):
+        load_model(str(tmp_path / "does-not-exist"), dtype="float32", quantization="int4", home=tmp_path)
+    with pytest.raises(ModelError, match="Invalid quantization 'fp4'"):
+        load_model(None, quantization="fp4", home=tmp_path, pull=False)

@@ -71,7 +71,7 @@ class NCACell(nn.Module):
     def _fused_input_layers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Perception, the update's first layer and the gate folded into one affine map.
 
-        For one new position the perception is a linear map of the w-wide window, and the
+        For one new position the perception is a linear map of the w-wide window. The
         update's first layer and the gate are linear maps of the perception, so the three
         compose into one matrix (mlp_hidden + 1, w*C) and bias. Rebuilt whenever a parameter
         changes (an optimizer step or a load bumps its version).
@@ -79,7 +79,7 @@ class NCACell(nn.Module):
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         if self._fused is None or self._fused[0] != key:
             c, width = self.config.channels, self.config.kernel_width
-            # Window index j*C + c holds position j (oldest first), channel c.
+            # Window index j*C + c is position j (oldest first), channel c.
             perceive = self.perceive.weight.permute(0, 2, 1).reshape(3 * c, width * c)
             first = torch.cat([self.update[0].weight, self.gate.weight])  # (H + 1, 3C)
             bias = torch.cat([self.update[0].bias, self.gate.bias]) + first @ self.perceive.bias

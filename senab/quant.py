@@ -4,7 +4,7 @@ Decoding one token reads every weight once, so on a CPU its speed is set by the 
 the weights. The default model ships as a Q4_1 GGUF file: every linear weight of its
 decoder layers is stored as 4-bit codes in groups of 32 input values, each group with its
 own scale d and minimum m (w = d * q + m, q in 0..15). `senab models pull` dequantizes it to
-float32, and serving it in bfloat16 reads 2 bytes per weight where the file holds about
+float32, and serving it in bfloat16 reads 2 bytes per weight where the file stores about
 0.6 (4 bits plus two 16-bit numbers per 32 weights).
 
 `quantize_model` finds those groups again in the float32 weights and runs each linear layer
@@ -41,7 +41,7 @@ Quantization = Literal["auto", "none", "int4"]
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int4")
 GROUP_SIZE = 32
 LEVELS = 15  # largest 4-bit code
-# Rounding of the float32 dequantization leaves relative errors near 1e-7; a grid that
+# Rounding of the float32 dequantization leaves relative errors near 1e-7. A grid that
 # does not fit the weights leaves errors near half a quantization step, about 3% of a
 # group's range. The threshold sits far from both.
 EXACT_TOLERANCE = 1e-4

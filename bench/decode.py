@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per loop (default 128)")
     parser.add_argument("--recompute-tokens", type=int, default=256, help="new tokens for the recompute ratio")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each loop (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of each loop (default 5)")
     parser.add_argument("--dtype", default="auto", help="model dtype (default auto, as the server)")
     parser.add_argument("--quantization", default="auto", help="auto, none or int4 (default auto, as the server)")
     args = parser.parse_args(argv)
@@ -93,24 +93,40 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm-up: allocator and kernels, both paths.
     Generator(model, tokenizer, eos_token_ids=set()).generate([request(8, False)])
-    without, with_bridge, bare = [], [], []
-    for _ in range(args.repeats):
-        bare.append(bare_tokens_per_s(model, prompt.ids, args.tokens))
-        without.append(generator_tokens_per_s(Generator(model, tokenizer, eos_token_ids=set()),
-                                              request(args.tokens, False)))
+    def bridge_on() -> float:
         handle = attach_bridge(model, checkpoint.bridge)
-        with_bridge.append(generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
-                                                  request(args.tokens, True)))
-        handle.detach()
+        try:
+            return generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
+                                          request(args.tokens, True))
+        finally:
+            handle.detach()
+
+    def bridge_off() -> float:
+        return generator_tokens_per_s(Generator(model, tokenizer, eos_token_ids=set()), request(args.tokens, False))
+
+    # Other tenants of a shared machine move single runs by 10% either way, while the bridge
+    # costs a few percent. So the two loops run back to back, in alternating order, and the
+    # ratio is the median over those pairs rather than a ratio of medians.
+    without, with_bridge, bare = [], [], []
+    for repeat in range(args.repeats):
+        bare.append(bare_tokens_per_s(model, prompt.ids, args.tokens))
+        if repeat % 2:
+            with_bridge.append(bridge_on())
+            without.append(bridge_off())
+        else:
+            without.append(bridge_off())
+            with_bridge.append(bridge_on())
+    bridge_ratio = float(np.median([on / off for on, off in zip(with_bridge, without)]))
 
     handle = attach_bridge(model, checkpoint.bridge)
-    incremental = generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
-                                         request(args.recompute_tokens, True))
+    incremental = float(np.median([
+        generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
+                               request(args.recompute_tokens, True)) for _ in range(3)]))
     recompute_rows = [[f"full recompute per token (original), {loaded.quantization}", args.recompute_tokens,
                        recompute_tokens_per_s(model, handle, session, prompt.ids, prompt.turn_start,
                                               args.recompute_tokens)]]
     handle.detach()
-    if loaded.quantization != "dense weights":
+    if loaded.int4:
         del model, handle
         dense = load_model(None, dtype=args.dtype, quantization="none").model
         handle = attach_bridge(dense, checkpoint.bridge)
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table("decode tokens/s, one sequence (median of repeats)", ["loop", "new tokens", "tokens/s"], rows)
     targets = [
-        check("bridge on / bridge detached", float(np.median(with_bridge) / np.median(without)), 0.95),
+        check("bridge on / bridge detached (median of pairs)", bridge_ratio, 0.95),
         check(f"incremental / the faster full recompute, {args.recompute_tokens} tokens", incremental / recompute,
               8.0),
     ]

@@ -98,7 +98,8 @@ class LoadedModel:
     dtype: torch.dtype
     context_length: int
     digest: str | None
-    quantization: str = "dense weights"  # QuantizationReport.describe() of how the weights are held
+    quantization: str = "dense weights"  # QuantizationReport.describe() of how the weights are stored
+    int4: bool = False  # True when the linear layers run on 4-bit weights
 
 
 def senab_home() -> Path:
@@ -605,4 +606,5 @@ def load_model(
         context_length=context_length,
         digest=digest,
         quantization=report.describe(),
+        int4=report.applied == "int4",
     )

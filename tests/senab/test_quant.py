@@ -174,8 +174,10 @@ def q4_1_gguf(tmp_path_factory):
 def test_load_model_runs_a_q4_1_gguf_in_int4(q4_1_gguf, tmp_path):
     loaded = load_model(str(q4_1_gguf), dtype="bfloat16", home=tmp_path)
     assert loaded.quantization == "dense weights (quantization none)"  # load_model's default
+    assert not loaded.int4
 
     loaded = load_model(str(q4_1_gguf), dtype="bfloat16", quantization="auto", home=tmp_path)
+    assert loaded.int4
     assert loaded.quantization.startswith("int4 weights") and "(exact)" in loaded.quantization
     reference = load_model(str(q4_1_gguf), dtype="float32", home=tmp_path).model
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])

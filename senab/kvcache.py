@@ -4,7 +4,7 @@ transformers' `DynamicLayer.update` concatenates the new positions onto the cach
 which copies a layer's whole cache at every decode step: O(S) bytes per step and O(S^2)
 over a reply. `GrowingLayer` keeps spare capacity instead (a quarter of the length, at least
 32 positions), so a step writes only its new positions and a copy happens once per
-quarter-length of growth. At most a fifth of the buffer is unused.
+quarter-length of growth. From 128 positions on, at most a fifth of the buffer is unused.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._key_length != self._value_length:
-            raise RuntimeError(f"cache layer has {self._key_length} key and {self._value_length} value positions")
+            raise RuntimeError(f"cache layer has {self._key_length} key positions but {self._value_length} value "
+                               "positions: assign both keys and values before the next update")
         start, end = self._key_length, self._key_length + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
             self._key_buffer = _grow(self._key_buffer, key_states, start, end)

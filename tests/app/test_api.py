@@ -549,3 +549,17 @@ def test_ui_script_parses():
     script = Path(__file__).resolve().parents[2] / "app" / "static" / "ui" / "app.js"
     result = subprocess.run(["node", "--check", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("text", ['"', "\\", "a\nb\tc", "é", "😀", "\x00", "</script>", "", "\u2028"])
+def test_content_event_matches_model_dump(text):
+    from app.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
+    from app.routes.chat import _PLACEHOLDER, _event, content_event_builder
+
+    def chunk(content: str) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id="chatcmpl-1", created=1, model="m+senab",
+                                   choices=[ChunkChoice(delta=DeltaMessage(content=content))])
+
+    event = content_event_builder(chunk(_PLACEHOLDER))(text)
+    assert event == _event(chunk(text))
+    assert json.loads(event.removeprefix("data: "))["choices"][0]["delta"]["content"] == text

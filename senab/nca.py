@@ -50,6 +50,15 @@ class NCAConfig:
 NCACache = list[torch.Tensor]
 
 
+def version_key(parameters) -> tuple[tuple[int, int], ...]:
+    """Identify the current values of `parameters`, for caching tensors derived from them.
+
+    In-place changes (optimizer steps, `load_state_dict`) bump a tensor's version, and a
+    replaced tensor has another data pointer.
+    """
+    return tuple((p.data_ptr(), p._version) for p in parameters)
+
+
 class NCACell(nn.Module):
     """One shared update rule applied `steps` times with causal padding."""
 
@@ -76,7 +85,7 @@ class NCACell(nn.Module):
         compose into one matrix (mlp_hidden + 1, w*C) and bias. Rebuilt whenever a parameter
         changes (an optimizer step or a load bumps its version).
         """
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = version_key(self.parameters())
         if self._fused is None or self._fused[0] != key:
             c, width = self.config.channels, self.config.kernel_width
             # Window index j*C + c is position j (oldest first), channel c.

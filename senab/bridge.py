@@ -162,9 +162,9 @@ class Bridge(nn.Module):
         """Return gain * delta for every bridged layer: (m, B, T, 2 d_kv), K then V.
 
         `enabled` (B,) zeroes the rows with the bridge off. Without autograd the K and V
-        write-outs run as one matrix product with the gains prepared once per parameter
-        change (fewer, larger operations for the decode step); the values are the same up
-        to float rounding.
+        write-outs run as one matrix product, and the gains are prepared once per parameter
+        change. That makes fewer operations per decode step, with the same values up to
+        float rounding.
         """
         rows = enabled.to(lattice.dtype).view(1, -1, 1, 1)
         if torch.is_grad_enabled():
@@ -217,7 +217,7 @@ class BridgeState:
         self.readout_sum = torch.zeros_like(self.sessions)
         self.readout_count = torch.zeros(len(turn_starts), device=device)
         self.valid: torch.Tensor | None = None
-        # (m, B, T, d_kv) for the current forward call: per bridged layer, gain included.
+        # (m, B, T, d_kv) for the current forward call, per bridged layer with its gain.
         self.delta_k: torch.Tensor | None = None
         self.delta_v: torch.Tensor | None = None
 

@@ -26,9 +26,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto picks bfloat16 on CUDA and on CPUs with native bf16.")
     quantization: Literal["auto", "none", "int4"] = Field(
-        "auto", description="Weights of the linear layers on a CPU: int4 runs them as 4-bit groups of 32; auto "
-                            "does so only where that is exact (the default model's Q4_1 source); none keeps "
-                            "them dense.")
+        "auto", description="Weights of the linear layers: int4 runs them as 4-bit groups of 32 on a CPU in "
+                            "bfloat16; auto does so only there and only where that is exact (the default "
+                            "model's Q4_1 source); none keeps them dense.")
     home: str | None = Field(None, description="Directory for pulled models and bridge checkpoints "
                                                "(default ~/.cache/senab).")
     bridge: str | None = Field(None, description="Bridge checkpoint directory; unset uses the default "

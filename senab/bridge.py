@@ -340,13 +340,21 @@ def _resolve(root: nn.Module, dotted: str) -> Any:
 
 
 def attach_bridge(model: nn.Module, bridge: Bridge) -> BridgeHandle:
-    """Wrap k_proj/v_proj of the last m layers and hook the read-in; return the handle."""
+    """Wrap k_proj/v_proj of the last m layers and hook the read-in; return the handle.
+
+    Raises CheckpointError when the bridge was built for another shape of model.
+    """
     config = bridge.config
     arch = architecture_for(model.config.model_type)
     layers = _resolve(model, arch.layers)
-    if len(layers) != config.num_model_layers:
-        raise ValueError(
-            f"bridge was built for {config.num_model_layers} layers but the model has {len(layers)}"
+    expected = BridgeConfig.for_model(model.config)
+    built = (config.num_model_layers, config.hidden_size, config.kv_width)
+    if built != (len(layers), expected.hidden_size, expected.kv_width):
+        raise CheckpointError(
+            f"bridge was built for {config.num_model_layers} layers, hidden size {config.hidden_size} and K/V "
+            f"width {config.kv_width}, but the model has {len(layers)}, {expected.hidden_size} and "
+            f"{expected.kv_width}: use a bridge checkpoint trained for this model (`senab bridge info DIR` shows "
+            "its base model), or none"
         )
     device = next(model.parameters()).device
     bridge.to(device)
@@ -476,14 +484,22 @@ def checkpoint_for_model(model_name: str, model_config: Any, *, path: str | Path
 
     The checkpoint is the one at `path` when given, else the one shipped for `model_name`.
     Without either it is an untrained one, whose write-out is zero, so replies equal the base
-    model's while states still move. The second value is "path", "shipped" or "untrained".
+    model's while states still move; it bridges the last 4 layers, or all of them in a model
+    with fewer. The second value is "path", "shipped" or "untrained". Raises CheckpointError
+    for an unreadable checkpoint or a model family the bridge does not support.
     """
     if path is not None:
         return load_checkpoint(path), "path"
     shipped = SHIPPED_WEIGHTS / model_name
     if (shipped / MANIFEST_FILE).exists():
         return load_checkpoint(shipped), "shipped"
-    return new_checkpoint(model_config, base_model=model_name, base_digest=base_digest), "untrained"
+    try:
+        layers = min(BridgeConfig.bridged_layers, model_config.num_hidden_layers)
+        checkpoint = new_checkpoint(model_config, base_model=model_name, base_digest=base_digest,
+                                    bridged_layers=layers)
+    except UnsupportedArchitecture as exc:
+        raise CheckpointError(f"{exc}; serve a model of a supported family") from None
+    return checkpoint, "untrained"
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:

@@ -284,3 +284,33 @@ def test_base_rows_join_bridged_batch_unchanged(tiny):
         assert together[0].token_ids == base.token_ids
         assert together[0].readout is None
         assert together[1].token_ids == generator.generate([bridged])[0].token_ids
+
+
+def test_untrained_checkpoint_for_a_shallow_model():
+    from senab.bridge import checkpoint_for_model
+
+    model, tokenizer = make_tiny_llama(seed=0, layers=2)
+    checkpoint, origin = checkpoint_for_model("tiny-2-layers", model.config)
+    assert origin == "untrained"
+    assert checkpoint.bridge.config.bridged_layers == 2
+    handle = attach_bridge(model, checkpoint.bridge)
+    request = GenerationRequest(prompt_ids(tokenizer, "Hi"), GREEDY, session=session(1))
+    assert Generator(model, tokenizer, handle).generate([request])[0].completion_tokens > 0
+
+
+def test_unsupported_family_is_a_checkpoint_error():
+    from senab.bridge import checkpoint_for_model
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=100)
+    config.model_type = "gpt2"
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported"):
+        checkpoint_for_model("gpt2-like", config)
+
+
+def test_bridge_for_another_model_shape_is_rejected():
+    model, _ = make_tiny_llama(seed=0)
+    other = new_checkpoint(SMOLLM2_135M)
+    with pytest.raises(CheckpointError, match="built for 30 layers, hidden size 576") as error:
+        attach_bridge(model, other.bridge)
+    assert "the model has 4, 64 and 32" in str(error.value)

@@ -61,6 +61,15 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def model_shape(model_config: Any) -> tuple[int, int, int]:
+    """Return (decoder layers, hidden size, K/V width) of a supported model config."""
+    architecture_for(model_config.model_type)
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return model_config.num_hidden_layers, model_config.hidden_size, kv_heads * head_dim
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 
@@ -103,17 +112,9 @@ class BridgeConfig:
     @classmethod
     def for_model(cls, model_config: Any, **overrides: Any) -> BridgeConfig:
         """Build the config for a transformers model config (Llama-style attributes)."""
-        architecture_for(model_config.model_type)
-        heads = model_config.num_attention_heads
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        return cls(
-            hidden_size=model_config.hidden_size,
-            kv_width=kv_heads * head_dim,
-            num_model_layers=model_config.num_hidden_layers,
-            model_type=model_config.model_type,
-            **overrides,
-        )
+        layers, hidden_size, kv_width = model_shape(model_config)
+        return cls(hidden_size=hidden_size, kv_width=kv_width, num_model_layers=layers,
+                   model_type=model_config.model_type, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,14 +348,12 @@ def attach_bridge(model: nn.Module, bridge: Bridge) -> BridgeHandle:
     config = bridge.config
     arch = architecture_for(model.config.model_type)
     layers = _resolve(model, arch.layers)
-    expected = BridgeConfig.for_model(model.config)
-    built = (config.num_model_layers, config.hidden_size, config.kv_width)
-    if built != (len(layers), expected.hidden_size, expected.kv_width):
+    _, hidden_size, kv_width = model_shape(model.config)
+    if (config.num_model_layers, config.hidden_size, config.kv_width) != (len(layers), hidden_size, kv_width):
         raise CheckpointError(
             f"bridge was built for {config.num_model_layers} layers, hidden size {config.hidden_size} and K/V "
-            f"width {config.kv_width}, but the model has {len(layers)}, {expected.hidden_size} and "
-            f"{expected.kv_width}: use a bridge checkpoint trained for this model (`senab bridge info DIR` shows "
-            "its base model), or none"
+            f"width {config.kv_width}, but the model has {len(layers)}, {hidden_size} and {kv_width}: use a "
+            "bridge checkpoint trained for this model (`senab bridge info DIR` shows its base model), or none"
         )
     device = next(model.parameters()).device
     bridge.to(device)

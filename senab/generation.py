@@ -322,7 +322,8 @@ class DecodeBatch:
     drops finished rows, and runs the next forward call for the rest.
 
     NOTE: in bfloat16 the padding width and the batch size change the rounding of attention
-    and of dense matrix products. Where the two best logits nearly tie, a greedy row can then
+    and of dense matrix products, and int4 layers switch to a dense product for prefills of
+    `senab.quant.UNPACK_ROWS` rows or more. Where the two best logits nearly tie, a greedy row can then
     pick another token than it would alone (3 of 8 real-model prompts in one check).
     """
 

@@ -28,6 +28,7 @@ again for every 4 rows; dense bfloat16 took 29 ms for 16 rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -46,6 +47,12 @@ LEVELS = 15  # largest 4-bit code
 # group's range. The threshold sits far from both.
 EXACT_TOLERANCE = 1e-4
 _KERNEL = "_weight_int4pack_mm_for_cpu"
+# The kernel unpacks the weights again for every 4 rows, so over many rows (a long prefill)
+# unpacking them once and running a dense product is faster. On a 2-core AVX-512 machine,
+# for the 210 layers of SmolLM2-135M: 892 against 708 ms at 672 rows and 176 against 364 ms
+# at 128 rows (unpacking alone about 200 ms).
+UNPACK_ROWS = 512
+_PACK_BLOCK = 64  # rows per block of the kernel's packed layout
 
 
 class QuantizationError(ValueError):
@@ -87,6 +94,17 @@ def int4_kernel_available() -> bool:
     return hasattr(torch.ops.aten, _KERNEL)
 
 
+@functools.cache
+def packed_layout_known() -> bool:
+    """Check once per process that `Int4Linear.unpacked_weight` reads this torch's packing."""
+    codes = torch.randint(0, LEVELS + 1, (_PACK_BLOCK * 2, GROUP_SIZE * 2), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32)
+    ones, zeros = torch.ones(codes.shape[0], 2), torch.zeros(codes.shape[0], 2)
+    grid = GroupwiseGrid(codes, ones, zeros, 0.0)
+    layer = Int4Linear(grid, None)
+    return torch.equal(layer.unpacked_weight(), layer.dequantized_weight())
+
+
 def int4_ineligible(module: nn.Linear) -> str | None:
     """Return why the CPU kernel cannot run `module`, or None when it can."""
     out_features, in_features = module.weight.shape
@@ -125,10 +143,28 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != scales.dtype:
             flat = flat.to(scales.dtype)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)
+        if flat.shape[0] >= UNPACK_ROWS and self.out_features % _PACK_BLOCK == 0 and packed_layout_known():
+            out = nn.functional.linear(flat, self.unpacked_weight())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """Return the (N, K) weight in the scales' dtype, unpacked from the codes with tensor ops.
+
+        Valid for N a multiple of 64: the kernel's packing (torch 2.13, checked by
+        `packed_layout_known`) stores, per block of 64 rows and per input k, 32 bytes whose low
+        nibbles are rows 0-31 and high nibbles rows 32-63.
+        """
+        rows, columns = self.out_features, self.in_features
+        packed = self.packed.view(rows // _PACK_BLOCK, columns, _PACK_BLOCK // 2)
+        codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).transpose(1, 2)  # (N / 64, 64, K)
+        codes = codes.reshape(rows, columns // GROUP_SIZE, GROUP_SIZE).to(self.scales_and_zeros.dtype)
+        scales = self.scales_and_zeros[..., 0].t().unsqueeze(-1)  # (N, K / 32, 1)
+        offsets = (self.scales_and_zeros[..., 1] - 8 * self.scales_and_zeros[..., 0]).t().unsqueeze(-1)
+        return torch.addcmul(offsets, codes, scales).reshape(rows, columns)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weight this layer multiplies by (for tests and inspection)."""

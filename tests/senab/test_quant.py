@@ -196,3 +196,20 @@ def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):
         load_model(str(tmp_path / "does-not-exist"), dtype="float32", quantization="int4", home=tmp_path)
     with pytest.raises(ModelError, match="Invalid quantization 'fp4'"):
         load_model(None, quantization="fp4", home=tmp_path, pull=False)
+
+
+def test_long_inputs_use_the_unpacked_weight():
+    from senab.quant import UNPACK_ROWS, packed_layout_known
+
+    weight, _ = q4_1_weight(128, 96, seed=4)
+    linear = nn.Linear(96, 128)
+    linear.weight.data.copy_(weight)
+    layer = Int4Linear.from_linear(linear).to(torch.bfloat16)
+    assert packed_layout_known()
+    torch.testing.assert_close(layer.unpacked_weight().float(), layer.dequantized_weight(), atol=2e-3, rtol=0)
+
+    x = torch.randn(UNPACK_ROWS + 3, 96, dtype=torch.bfloat16)
+    kernel = torch.cat([layer(x[i:i + 64]) for i in range(0, len(x), 64)])  # short inputs: the kernel
+    unpacked = layer(x)
+    torch.testing.assert_close(unpacked.float(), kernel.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(unpacked.float(), linear(x.float()), atol=0.05, rtol=0.02)

@@ -13,9 +13,9 @@ of 32 along the input dimension, w = (q - 8) * scale + zero). For a Q4_1 source 
 scales and minimums come back exactly, so the model computes what the float32 model
 computes, up to the rounding of scale and zero to the activation dtype.
 
-Modes: "none" keeps the dense weights; "int4" quantizes every eligible layer, exact or not
-(for weights not already on a 4-bit grid this loses accuracy, as any 4-bit quantization
-does); "auto" quantizes only when the model runs on a CPU in bfloat16 and every eligible
+Modes: "none" keeps the dense weights. "int4" quantizes every eligible layer, exact or not;
+for weights not already on a 4-bit grid this loses accuracy, as any 4-bit quantization
+does. "auto" quantizes only when the model runs on a CPU in bfloat16 and every eligible
 layer is exact, so it never changes what the model computes beyond rounding. The output
 layer (the token embeddings in tied models, 8-bit in the Q4_1 file) stays dense.
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from senab.bridge import BridgeHandle, BridgeState
 from senab.kvcache import new_kv_cache
+from senab.quant import UNPACK_POSITIONS as LONG_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +323,7 @@ class DecodeBatch:
     drops finished rows, and runs the next forward call for the rest.
 
     NOTE: in bfloat16 the padding width and the batch size change the rounding of attention
-    and of dense matrix products, and int4 layers switch to a dense product for prefills of
-    `senab.quant.UNPACK_ROWS` rows or more. Where the two best logits nearly tie, a greedy row can then
+    and of dense matrix products. Where the two best logits nearly tie, a greedy row can then
     pick another token than it would alone (3 of 8 real-model prompts in one check).
     """
 
@@ -341,14 +341,25 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, requests: list[GenerationRequest], indices: list[int]) -> None:
-        """Prefill `requests` and join them to the batch; `indices` name their outputs."""
-        g = self.generator
+        """Prefill `requests` and join them to the batch; `indices` name their outputs.
+
+        Prompts of `LONG_PROMPT` tokens or more are prefilled apart from shorter ones, so
+        that a layer which picks its method by the number of positions (int4 layers do) picks
+        by each request's own prompt, whatever else arrives with it.
+        """
         if len(indices) != len(requests):
             raise ValueError(f"got {len(indices)} indices for {len(requests)} requests")
         for i, request in zip(indices, requests):
             if not request.prompt_ids:
                 raise ValueError(f"request {i} has an empty prompt")
+        long = [len(r.prompt_ids) >= LONG_PROMPT for r in requests]
+        for wanted in (False, True):
+            group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == wanted]
+            if group:
+                self._add_group([r for _, r in group], [i for i, _ in group])
 
+    def _add_group(self, requests: list[GenerationRequest], indices: list[int]) -> None:
+        g = self.generator
         rows = [_Row(i, r, g.tokenizer) for i, r in zip(indices, requests)]
         bridge_state = g._bridge_state(requests)
         input_ids, attention_mask = g._left_pad([r.prompt_ids for r in requests])

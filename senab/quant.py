@@ -47,11 +47,13 @@ LEVELS = 15  # largest 4-bit code
 # group's range. The threshold sits far from both.
 EXACT_TOLERANCE = 1e-4
 _KERNEL = "_weight_int4pack_mm_for_cpu"
-# The kernel unpacks the weights again for every 4 rows, so over many rows (a long prefill)
-# unpacking them once and running a dense product is faster. On a 2-core AVX-512 machine,
-# for the 210 layers of SmolLM2-135M: 892 against 708 ms at 672 rows and 176 against 364 ms
-# at 128 rows (unpacking alone about 200 ms).
-UNPACK_ROWS = 512
+# The kernel unpacks the weights again for every 4 rows, so over many positions (a long
+# prompt) unpacking them once and running a dense product is faster. On a 2-core AVX-512
+# machine, one forward pass of SmolLM2-135M over 600 positions took 999 ms with the kernel
+# and 737 ms unpacked, over 256 positions 412 and 411 ms (unpacking alone about 200 ms).
+# The choice goes by positions per sequence, not rows in the call, so that a prompt's
+# numerics do not depend on the prompts prefilled with it.
+UNPACK_POSITIONS = 512
 _PACK_BLOCK = 64  # rows per block of the kernel's packed layout
 
 
@@ -143,7 +145,8 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != scales.dtype:
             flat = flat.to(scales.dtype)
-        if flat.shape[0] >= UNPACK_ROWS and self.out_features % _PACK_BLOCK == 0 and packed_layout_known():
+        positions = x.shape[-2] if x.dim() >= 3 else 1
+        if positions >= UNPACK_POSITIONS and self.out_features % _PACK_BLOCK == 0 and packed_layout_known():
             out = nn.functional.linear(flat, self.unpacked_weight())
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)

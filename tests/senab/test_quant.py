@@ -199,7 +199,7 @@ def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):
 
 
 def test_long_inputs_use_the_unpacked_weight():
-    from senab.quant import UNPACK_ROWS, packed_layout_known
+    from senab.quant import UNPACK_POSITIONS, packed_layout_known
 
     weight, _ = q4_1_weight(128, 96, seed=4)
     linear = nn.Linear(96, 128)
@@ -208,8 +208,35 @@ def test_long_inputs_use_the_unpacked_weight():
     assert packed_layout_known()
     torch.testing.assert_close(layer.unpacked_weight().float(), layer.dequantized_weight(), atol=2e-3, rtol=0)
 
-    x = torch.randn(UNPACK_ROWS + 3, 96, dtype=torch.bfloat16)
-    kernel = torch.cat([layer(x[i:i + 64]) for i in range(0, len(x), 64)])  # short inputs: the kernel
+    x = torch.randn(1, UNPACK_POSITIONS + 3, 96, dtype=torch.bfloat16)
+    kernel = layer(x.reshape(-1, 96)).reshape(1, -1, 128)  # one position per row: the kernel
     unpacked = layer(x)
+    assert not torch.equal(unpacked, kernel)  # the two methods really differ in rounding
     torch.testing.assert_close(unpacked.float(), kernel.float(), atol=0.05, rtol=0.02)
     torch.testing.assert_close(unpacked.float(), linear(x.float()), atol=0.05, rtol=0.02)
+
+
+def test_long_and_short_prompts_prefill_apart(monkeypatch):
+    import senab.generation as generation
+    import senab.quant as quant
+
+    model, tokenizer = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    quantize_model(model, "auto", torch.bfloat16)
+    model.to(torch.bfloat16)
+    monkeypatch.setattr(quant, "UNPACK_POSITIONS", 24)
+    monkeypatch.setattr(generation, "LONG_PROMPT", 24)
+    short = build_prompt(tokenizer, [("user", "Hi")]).ids
+    long = build_prompt(tokenizer, [("user", "Tell me a long story about the sea, the wind and a boat " * 2)]).ids
+    assert len(short) < 24 <= len(long)
+
+    generator = Generator(model, tokenizer)
+    widths = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: widths.append(args[0].shape[:2]))
+    alone = [generator.generate([GenerationRequest(ids, GREEDY)])[0].token_ids for ids in (short, long)]
+    widths.clear()
+    together = generator.generate([GenerationRequest(short, GREEDY), GenerationRequest(long, GREEDY)])
+    hook.remove()
+    assert [row.token_ids for row in together] == alone
+    assert widths[:2] == [(1, len(short)), (1, len(long))]  # two prefills, one per length class

@@ -353,10 +353,17 @@ class DecodeBatch:
             if not request.prompt_ids:
                 raise ValueError(f"request {i} has an empty prompt")
         long = [len(r.prompt_ids) >= LONG_PROMPT for r in requests]
-        for wanted in (False, True):
-            group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == wanted]
-            if group:
-                self._add_group([r for _, r in group], [i for i, _ in group])
+        before = len(self.rows)
+        try:
+            for wanted in (False, True):
+                group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == wanted]
+                if group:
+                    self._add_group([r for _, r in group], [i for i, _ in group])
+        except BaseException:
+            # All or nothing: the caller treats every request of a failed add as failed.
+            if len(self.rows) > before:
+                self._select(list(range(before)))
+            raise
 
     def _add_group(self, requests: list[GenerationRequest], indices: list[int]) -> None:
         g = self.generator
@@ -388,6 +395,20 @@ class DecodeBatch:
         if self.bridge_state is not None:
             self.bridge_state.extend(bridge_state)
 
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows at positions `keep` (in order) of every per-row state."""
+        if not keep:
+            self.__init__(self.generator)
+            return
+        index = torch.tensor(keep, device=self.generator.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self.position_ids = self.position_ids[index]
+        self.logits = self.logits[index]
+        if self.bridge_state is not None:
+            self.bridge_state.select(index)
+        self.rows = [self.rows[p] for p in keep]
+
     def _switched_off(self, count: int, like: BridgeState) -> BridgeState:
         bridge = self.generator.handle.bridge
         state = BridgeState(bridge, like.sessions.new_zeros((count, like.sessions.shape[1])), [0] * count,
@@ -417,13 +438,7 @@ class DecodeBatch:
             self.__init__(g)
             return outputs
         if len(keep) < len(self.rows):
-            index = torch.tensor(keep, device=g.device)
-            self.cache.batch_select_indices(index)
-            self.attention_mask = self.attention_mask[index]
-            self.position_ids = self.position_ids[index]
-            if self.bridge_state is not None:
-                self.bridge_state.select(index)
-            self.rows = [self.rows[p] for p in keep]
+            self._select(keep)
 
         step_ids = torch.tensor(next_tokens, device=g.device).unsqueeze(1)
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)

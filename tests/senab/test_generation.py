@@ -197,3 +197,37 @@ def test_output_layer_input_is_made_contiguous_once():
     torch.testing.assert_close(head(last), expected)
     handle.remove()
     assert seen == [(model.config.hidden_size, model.config.hidden_size, 1)]  # contiguous (3, 1, d)
+
+
+def test_failed_add_leaves_the_batch_as_it_was(tiny, monkeypatch):
+    import senab.generation as generation
+    from senab.generation import DecodeBatch
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(generation, "LONG_PROMPT", 12)
+    generator = Generator(model, tokenizer)
+    short = GenerationRequest(prompt(tokenizer)[:6], SamplingParams(max_tokens=8, temperature=0))
+    long = GenerationRequest(prompt(tokenizer) * 3, SamplingParams(max_tokens=8, temperature=0))
+    alone = generator.generate([short])[0].token_ids
+
+    batch = DecodeBatch(generator)
+    batch.add([short], [0])
+    forward = Generator._forward
+
+    def fail_on_long_prompts(self, input_ids, *args, **kwargs):
+        if input_ids.shape[1] >= 12:
+            raise RuntimeError("out of memory")  # the fault: a prefill that fails
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "_forward", fail_on_long_prompts)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch.add([short, long], [1, 2])  # the short one is prefilled and joined first
+    assert [row.index for row in batch.rows] == [0]
+    assert batch.logits.shape[0] == 1
+
+    tokens = []
+    while batch:
+        for output in batch.step():
+            if output.finish_reason is not None:
+                tokens = output.token_ids
+    assert tokens == alone

@@ -148,10 +148,23 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _session_for_log(request: Request) -> str | None:
+    """Return the session id the request names (header or path), if it is a valid one.
+
+    An invalid id stays out of the log: it is client input and may contain line breaks.
+    """
+    from app.protocol import SESSION_ID_PATTERN
+
+    given = request.path_params.get("session_id") or request.headers.get("x-session-id")
+    if isinstance(given, str) and SESSION_ID_PATTERN.match(given) and given not in (".", ".."):
+        return given
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        log_service_error(_request_id(request), exc)
+        log_service_error(_request_id(request), exc, _session_for_log(request))
         return JSONResponse(service_error_body(exc), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

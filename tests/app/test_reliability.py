@@ -313,3 +313,18 @@ def test_serve_explains_a_quantization_it_cannot_use(flags, code, message, tmp_p
 
     assert result.returncode == code, result.stderr
     assert message in result.stderr
+
+
+def test_error_log_names_a_valid_session(tiny_served, caplog):
+    from app.store import create_store
+
+    caplog.set_level(logging.INFO, logger="app.errors")
+    with serve(tiny_served, create_store(None)) as client:
+        unknown = chat(client, "Hi", session_id="log-check-1", model="no-such-model")
+        invalid = client.post("/v1/chat/completions", headers={"X-Session-Id": "../x"},
+                              json={"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]})
+    assert unknown.status_code == 404
+    assert invalid.status_code in (400, 404)
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.errors"]
+    assert any("(session log-check-1) failed: model_not_found" in line for line in lines), lines
+    assert not any("../x" in line for line in lines)

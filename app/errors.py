@@ -153,12 +153,15 @@ def _session_for_log(request: Request) -> str | None:
 
     An invalid id stays out of the log: it is client input and may contain line breaks.
     """
-    from app.protocol import SESSION_ID_PATTERN
+    from app.protocol import check_session_id  # app.protocol imports this module
 
-    given = request.path_params.get("session_id") or request.headers.get("x-session-id")
-    if isinstance(given, str) and SESSION_ID_PATTERN.match(given) and given not in (".", ".."):
-        return given
-    return None
+    session_id = request.path_params.get("session_id") or request.headers.get("x-session-id")
+    if not isinstance(session_id, str):
+        return None
+    try:
+        return check_session_id(session_id)
+    except InvalidRequest:
+        return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,7 +8,7 @@
 Every loop decodes greedily for exactly the same number of new tokens (end-of-sequence
 ignored). The model is loaded as the server loads it (`--dtype`, `--quantization`). The
 recompute loop runs on that model and on a dense copy, and the ratio takes the faster of
-the two: the 4-bit kernel speeds up one position at a time but is slower than dense
+the two. The 4-bit kernel speeds up one position at a time, but it is slower than dense
 matrix products over many positions, which is all the recompute loop does.
 Usage: python bench/decode.py [--tokens 128] [--recompute-tokens 256] [--dtype auto] [--quantization auto]
 """

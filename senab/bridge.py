@@ -483,7 +483,7 @@ def checkpoint_for_model(model_name: str, model_config: Any, *, path: str | Path
 
     The checkpoint is the one at `path` when given, else the one shipped for `model_name`.
     Without either it is an untrained one, whose write-out is zero, so replies equal the base
-    model's while states still move; it bridges the last 4 layers, or all of them in a model
+    model's while states still move. It bridges the last 4 layers, or all of them in a model
     with fewer. The second value is "path", "shipped" or "untrained". Raises CheckpointError
     for an unreadable checkpoint or a model family the bridge does not support.
     """

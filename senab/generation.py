@@ -355,8 +355,8 @@ class DecodeBatch:
         long = [len(r.prompt_ids) >= LONG_PROMPT for r in requests]
         before = len(self.rows)
         try:
-            for wanted in (False, True):
-                group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == wanted]
+            for long_group in (False, True):
+                group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == long_group]
                 if group:
                     self._add_group([r for _, r in group], [i for i, _ in group])
         except BaseException:

@@ -23,7 +23,7 @@ The kernel is vectorized for bfloat16 activations only: on a 2-core AVX-512 mach
 30 layers of SmolLM2-135M took 4.9 ms per token in bfloat16 and 102 ms in float32, against
 21 ms for dense bfloat16 weights. So int4 requires bfloat16. Per token it also costs
 more as the batch grows (4.9 ms for 1 row, 23 ms for 16), because it unpacks the weights
-again for every 4 rows; dense bfloat16 took 29 ms for 16 rows.
+again for every 4 rows. Dense bfloat16 took 29 ms for 16 rows.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def int4_ineligible(module: nn.Linear) -> str | None:
 class Int4Linear(nn.Module):
     """A linear layer whose weight is 4-bit groupwise codes, for CPU inference.
 
-    The packed codes are a uint8 buffer (2 codes per byte, in the kernel's tiled layout);
-    `scales_and_zeros` (K / 32, N, 2) follows the model's dtype through `.to(dtype)` and must
+    The packed codes are a uint8 buffer (2 codes per byte, in the kernel's tiled layout).
+    `scales_and_zeros` (K / 32, N, 2) follows the model's dtype through `.to(dtype)`. It must
     match the activations' dtype, because the kernel takes both in one dtype.
     """
 
@@ -170,7 +170,7 @@ class Int4Linear(nn.Module):
         return torch.addcmul(offsets, codes, scales).reshape(rows, columns)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The (N, K) float32 weight this layer multiplies by (for tests and inspection)."""
+        """Return the (N, K) float32 weight this layer multiplies by (for tests and inspection)."""
         identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP_SIZE,
                                                           self.scales_and_zeros).t().float()
@@ -181,7 +181,7 @@ class Int4Linear(nn.Module):
 
 @dataclass
 class QuantizationReport:
-    """What `quantize_model` did: the mode in effect and why."""
+    """Outcome of `quantize_model`: the mode in effect and the reason for it."""
 
     requested: str
     applied: Literal["none", "int4"] = "none"
@@ -199,7 +199,7 @@ class QuantizationReport:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear of the model except the output layer."""
+    """List every nn.Linear of the model except the output layer, with its name."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not output]
@@ -233,7 +233,7 @@ def int4_blocker(mode: str, device: torch.device, dtype: torch.dtype) -> str | N
 
 
 def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloat16) -> QuantizationReport:
-    """Replace the model's linear layers by `Int4Linear` as `mode` asks; see the module doc.
+    """Replace the model's linear layers by `Int4Linear` as `mode` requests; see the module doc.
 
     `dtype` is the dtype the model will run in (cast it afterwards). Call this on float32
     weights: weights already rounded to bfloat16 are no longer on their 4-bit grid, so
@@ -246,14 +246,14 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         report.reason = problem or "quantization none"
         return report
 
-    # Layer by layer, so that only one layer's codes exist at a time; the replaced layers
+    # Layer by layer, so that only one layer's codes exist at a time. The replaced layers
     # are kept until the end, so that "auto" can put every one of them back.
     replaced: list[tuple[str, nn.Module]] = []
     errors: list[float] = []
     for name, module in _candidates(model):
-        why = int4_ineligible(module)
-        if why is not None:
-            report.skipped[name] = why
+        reason = int4_ineligible(module)
+        if reason is not None:
+            report.skipped[name] = reason
             continue
         grid = groupwise_grid(module.weight)
         if mode == "auto" and not grid.exact:
@@ -285,5 +285,5 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
 
 
 def _first_skip(report: QuantizationReport) -> str:
-    name, why = next(iter(report.skipped.items()), ("", ""))
-    return f"{name}: {why}" if name else "no linear layers"
+    name, reason = next(iter(report.skipped.items()), ("", ""))
+    return f"{name}: {reason}" if name else "no linear layers"

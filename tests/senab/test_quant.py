@@ -64,11 +64,12 @@ def test_int4_linear_multiplies_by_the_grid_weight():
     x = torch.randn(2, 5, 96)
     expected = linear(x)
     out = layer(x.to(torch.bfloat16))
-    assert out.shape == (2, 5, 64) and out.dtype == torch.bfloat16
+    assert out.shape == (2, 5, 64)
+    assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
-def test_int4_linear_rows_do_not_depend_on_each_other():
+def test_int4_linear_rows_independent():
     weight, _ = q4_1_weight(64, 96, seed=2)
     linear = nn.Linear(96, 64, bias=False)
     linear.weight.data.copy_(weight)
@@ -84,7 +85,8 @@ def test_auto_quantizes_a_model_on_a_q4_grid():
     snap_to_q4_1(model)
     dense = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     report = quantize_model(model, "auto", torch.bfloat16)
-    assert report.applied == "int4" and report.exact
+    assert report.applied == "int4"
+    assert report.exact
     assert report.layers == 7 * model.config.num_hidden_layers
     assert "exact" in report.describe()
     for name, module in model.named_modules():
@@ -97,18 +99,21 @@ def test_auto_keeps_dense_weights_and_says_why():
     model, _ = make_tiny_llama(seed=0)
     report = quantize_model(model, "auto", torch.bfloat16)
     assert report.applied == "none"
-    assert "not on a 4-bit grid" in report.reason and "model.layers.0" in report.reason
+    assert "not on a 4-bit grid" in report.reason
+    assert "model.layers.0" in report.reason
     assert not any(isinstance(m, Int4Linear) for m in model.modules())  # nothing half-replaced
 
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.float32)
-    assert report.applied == "none" and "bfloat16" in report.reason
+    assert report.applied == "none"
+    assert "bfloat16" in report.reason
 
 
 def test_int4_mode_quantizes_dense_weights_lossily():
     model, _ = make_tiny_llama(seed=0)
     report = quantize_model(model, "int4", torch.bfloat16)
-    assert report.applied == "int4" and not report.exact
+    assert report.applied == "int4"
+    assert not report.exact
     assert "lossy" in report.describe()
 
 
@@ -116,7 +121,7 @@ def test_int4_mode_quantizes_dense_weights_lossily():
     (torch.float32, "cpu", "set dtype to bfloat16"),
     (torch.bfloat16, "meta", "4-bit kernel is for CPUs"),
 ])
-def test_int4_mode_where_it_cannot_run_names_the_fix(dtype, device, expected):
+def test_int4_blocker_names_the_fix(dtype, device, expected):
     with pytest.raises(QuantizationError, match=expected):
         int4_blocker("int4", torch.device(device), dtype)
     assert int4_blocker("auto", torch.device(device), dtype) is not None
@@ -134,7 +139,7 @@ def test_layers_the_kernel_cannot_run_stay_dense():
         quantize_model(nn.Sequential(nn.Linear(40, 64)), "int4", torch.bfloat16)
 
 
-def test_bridged_int4_model_decodes_the_same_alone_and_in_a_batch():
+def test_bridged_int4_batch_invariance():
     model, tokenizer = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
     assert quantize_model(model, "auto", torch.bfloat16).applied == "int4"
@@ -171,14 +176,15 @@ def q4_1_gguf(tmp_path_factory):
     return save_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4.gguf", model, tokenizer, q4_1=True)
 
 
-def test_load_model_runs_a_q4_1_gguf_in_int4(q4_1_gguf, tmp_path):
+def test_load_q4_1_gguf_as_int4(q4_1_gguf, tmp_path):
     loaded = load_model(str(q4_1_gguf), dtype="bfloat16", home=tmp_path)
     assert loaded.quantization == "dense weights (quantization none)"  # load_model's default
     assert not loaded.int4
 
     loaded = load_model(str(q4_1_gguf), dtype="bfloat16", quantization="auto", home=tmp_path)
     assert loaded.int4
-    assert loaded.quantization.startswith("int4 weights") and "(exact)" in loaded.quantization
+    assert loaded.quantization.startswith("int4 weights")
+    assert "(exact)" in loaded.quantization
     reference = load_model(str(q4_1_gguf), dtype="float32", home=tmp_path).model
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.inference_mode():
@@ -188,7 +194,7 @@ def test_load_model_runs_a_q4_1_gguf_in_int4(q4_1_gguf, tmp_path):
     torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
 
     float32 = load_model(str(q4_1_gguf), dtype="float32", quantization="auto", home=tmp_path)
-    assert "bfloat16" in float32.quantization  # auto keeps float32 models dense, and says why
+    assert "bfloat16" in float32.quantization  # auto keeps float32 models dense, and gives the reason
 
 
 def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):

@@ -17,7 +17,9 @@ Modes: "none" keeps the dense weights. "int4" quantizes every eligible layer, ex
 for weights not already on a 4-bit grid this loses accuracy, as any 4-bit quantization
 does. "auto" quantizes only when the model runs on a CPU in bfloat16 and every eligible
 layer is exact, so it never changes what the model computes beyond rounding. The output
-layer (the token embeddings in tied models, 8-bit in the Q4_1 file) stays dense.
+layer (the token embeddings in tied models, 8-bit in the Q4_1 file) stays dense. Where
+4-bit weights cannot run and the model runs on a CPU in float32, "auto" packs the dense
+weights for oneDNN instead (`senab.packed`).
 
 The kernel is vectorized for bfloat16 activations only: on a 2-core AVX-512 machine the
 30 layers of SmolLM2-135M took 4.9 ms per token in bfloat16 and 102 ms in float32, against
@@ -35,6 +37,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from senab.packed import pack_model, packing_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,9 @@ _KERNEL = "_weight_int4pack_mm_for_cpu"
 # The choice goes by positions per sequence, not rows in the call, so that a prompt's
 # numerics do not depend on the prompts prefilled with it.
 UNPACK_POSITIONS = 512
-_PACK_BLOCK = 64  # rows per block of the kernel's packed layout
+# Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
+# 32 with AVX2. `packed_block` finds out which one this process uses.
+_PACK_BLOCKS = (64, 32)
 
 
 class QuantizationError(ValueError):
@@ -97,14 +103,21 @@ def int4_kernel_available() -> bool:
 
 
 @functools.cache
-def packed_layout_known() -> bool:
-    """Check once per process that `Int4Linear.unpacked_weight` reads this torch's packing."""
-    codes = torch.randint(0, LEVELS + 1, (_PACK_BLOCK * 2, GROUP_SIZE * 2), generator=torch.Generator().manual_seed(0),
-                          dtype=torch.int32)
-    ones, zeros = torch.ones(codes.shape[0], 2), torch.zeros(codes.shape[0], 2)
-    grid = GroupwiseGrid(codes, ones, zeros, 0.0)
-    layer = Int4Linear(grid, None)
-    return torch.equal(layer.unpacked_weight(), layer.dequantized_weight())
+def packed_block() -> int | None:
+    """Return the rows per block of this torch's int4 packing, or None if it is not one we read.
+
+    Checked once per process, by unpacking random codes with each known block size.
+    """
+    generator = torch.Generator().manual_seed(0)
+    rows = 2 * max(_PACK_BLOCKS)
+    codes = torch.randint(0, LEVELS + 1, (rows, GROUP_SIZE * 2), generator=generator, dtype=torch.int32)
+    ones, zeros = torch.ones(rows, 2), torch.zeros(rows, 2)
+    layer = Int4Linear(GroupwiseGrid(codes, ones, zeros, 0.0), None)
+    expected = layer.dequantized_weight()
+    for block in _PACK_BLOCKS:
+        if torch.equal(layer.unpack(block), expected):
+            return block
+    return None
 
 
 def int4_ineligible(module: nn.Linear) -> str | None:
@@ -146,24 +159,26 @@ class Int4Linear(nn.Module):
         if flat.dtype != scales.dtype:
             flat = flat.to(scales.dtype)
         positions = x.shape[-2] if x.dim() >= 3 else 1
-        if positions >= UNPACK_POSITIONS and self.out_features % _PACK_BLOCK == 0 and packed_layout_known():
-            out = nn.functional.linear(flat, self.unpacked_weight())
+        block = packed_block() if positions >= UNPACK_POSITIONS else None
+        if block is not None and self.out_features % block == 0:
+            out = nn.functional.linear(flat, self.unpack(block))
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def unpacked_weight(self) -> torch.Tensor:
+    def unpack(self, block: int) -> torch.Tensor:
         """Return the (N, K) weight in the scales' dtype, unpacked from the codes with tensor ops.
 
-        Valid for N a multiple of 64: the kernel's packing (torch 2.13, checked by
-        `packed_layout_known`) stores, per block of 64 rows and per input k, 32 bytes whose low
-        nibbles are rows 0-31 and high nibbles rows 32-63.
+        `block` is the rows per block of the packed layout (see `packed_block`); N must be a
+        multiple of it. Per block and per input k, the kernel's packing (torch 2.13) stores
+        block / 2 bytes whose low nibbles are the block's first half of rows and whose high
+        nibbles are its second half.
         """
         rows, columns = self.out_features, self.in_features
-        packed = self.packed.view(rows // _PACK_BLOCK, columns, _PACK_BLOCK // 2)
-        codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).transpose(1, 2)  # (N / 64, 64, K)
+        packed = self.packed.view(rows // block, columns, block // 2)
+        codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).transpose(1, 2)  # (N / block, block, K)
         codes = codes.reshape(rows, columns // GROUP_SIZE, GROUP_SIZE).to(self.scales_and_zeros.dtype)
         scales = self.scales_and_zeros[..., 0].t().unsqueeze(-1)  # (N, K / 32, 1)
         offsets = (self.scales_and_zeros[..., 1] - 8 * self.scales_and_zeros[..., 0]).t().unsqueeze(-1)
@@ -184,7 +199,7 @@ class QuantizationReport:
     """Outcome of `quantize_model`: the mode in effect and the reason for it."""
 
     requested: str
-    applied: Literal["none", "int4"] = "none"
+    applied: Literal["none", "int4", "packed"] = "none"
     reason: str = ""
     layers: int = 0
     exact: bool = True
@@ -194,6 +209,8 @@ class QuantizationReport:
     def describe(self) -> str:
         if self.applied == "none":
             return f"dense weights ({self.reason})" if self.reason else "dense weights"
+        if self.applied == "packed":
+            return f"dense float32 weights packed for oneDNN in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
         return f"int4 weights in {self.layers} layers ({exactness})"
 
@@ -233,7 +250,7 @@ def int4_blocker(mode: str, device: torch.device, dtype: torch.dtype) -> str | N
 
 
 def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloat16) -> QuantizationReport:
-    """Replace the model's linear layers by `Int4Linear` as `mode` requests; see the module doc.
+    """Replace the model's linear layers by `Int4Linear` or `PackedLinear` as `mode` requests.
 
     `dtype` is the dtype the model will run in (cast it afterwards). Call this on float32
     weights: weights already rounded to bfloat16 are no longer on their 4-bit grid, so
@@ -241,9 +258,19 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
     it cannot run.
     """
     report = QuantizationReport(requested=mode)
-    problem = int4_blocker(mode, next(model.parameters()).device, dtype)
-    if mode == "none" or problem:
-        report.reason = problem or "quantization none"
+    device = next(model.parameters()).device
+    problem = int4_blocker(mode, device, dtype)
+    if mode == "none":
+        report.reason = "quantization none"
+        return report
+    if mode == "auto" and problem:
+        # Where 4-bit weights cannot run, auto takes the next fastest exact format.
+        packing_problem = packing_blocker(device, dtype)
+        if packing_problem is None:
+            report.applied = "packed"
+            report.layers = pack_model(model)
+            return report
+        report.reason = f"{problem}, and {packing_problem}"
         return report
 
     # Layer by layer, so that only one layer's codes exist at a time. The replaced layers

@@ -104,9 +104,10 @@ def test_auto_keeps_dense_weights_and_says_why():
     assert not any(isinstance(m, Int4Linear) for m in model.modules())  # nothing half-replaced
 
     snap_to_q4_1(model)
-    report = quantize_model(model, "auto", torch.float32)
+    report = quantize_model(model, "auto", torch.float16)
     assert report.applied == "none"
-    assert "bfloat16" in report.reason
+    assert "float16" in report.reason
+    assert "only float32 is packed" in report.reason  # auto's second choice, and why not
 
 
 def test_int4_mode_quantizes_dense_weights_lossily():
@@ -194,7 +195,8 @@ def test_load_q4_1_gguf_as_int4(q4_1_gguf, tmp_path):
     torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
 
     float32 = load_model(str(q4_1_gguf), dtype="float32", quantization="auto", home=tmp_path)
-    assert "bfloat16" in float32.quantization  # auto keeps float32 models dense, and gives the reason
+    assert not float32.int4  # in float32, auto packs the dense weights instead
+    assert float32.quantization.startswith("dense float32 weights packed for oneDNN")
 
 
 def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):
@@ -205,14 +207,15 @@ def test_load_model_rejects_int4_in_float32_before_loading(tmp_path):
 
 
 def test_long_inputs_use_the_unpacked_weight():
-    from senab.quant import UNPACK_POSITIONS, packed_layout_known
+    from senab.quant import UNPACK_POSITIONS, packed_block
 
     weight, _ = q4_1_weight(128, 96, seed=4)
     linear = nn.Linear(96, 128)
     linear.weight.data.copy_(weight)
     layer = Int4Linear.from_linear(linear).to(torch.bfloat16)
-    assert packed_layout_known()
-    torch.testing.assert_close(layer.unpacked_weight().float(), layer.dequantized_weight(), atol=2e-3, rtol=0)
+    block = packed_block()
+    assert block is not None  # a torch whose packing we cannot read would make this test moot
+    torch.testing.assert_close(layer.unpack(block).float(), layer.dequantized_weight(), atol=2e-3, rtol=0)
 
     x = torch.randn(1, UNPACK_POSITIONS + 3, 96, dtype=torch.bfloat16)
     kernel = layer(x.reshape(-1, 96)).reshape(1, -1, 128)  # one position per row: the kernel

@@ -1,0 +1,151 @@
+"""Dense float32 weights packed for oneDNN (senab.packed) and auto's choice of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import senab.packed as packed
+from senab.bridge import attach_bridge, new_checkpoint
+from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
+from senab.models import load_model
+from senab.packed import PackedLinear, pack_model, packing_blocker
+from senab.prompt import build_prompt
+from senab.quant import quantize_model
+from tests.helpers import make_tiny_llama, randomize_write_out
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0)
+PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
+
+
+def test_packed_linear_matches_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80)
+    layer = PackedLinear.from_linear(linear)
+    for shape in [(1, 96), (7, 96), (2, 5, 96)]:
+        x = torch.randn(*shape)
+        out = layer(x)
+        assert out.shape == (*shape[:-1], 80)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_linear_takes_strided_and_bfloat16_inputs():
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 48, bias=False)
+    layer = PackedLinear.from_linear(linear)
+    x = torch.randn(3, 4, 64)
+    last = x[:, -1:, :]  # a view with gaps, as the output layer gets after a prefill
+    assert not last.is_contiguous()
+    torch.testing.assert_close(layer(last), linear(last), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x.to(torch.bfloat16)), linear(x.to(torch.bfloat16).float()), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_packed_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(2)
+    layer = PackedLinear(torch.randn(576, 576) * 0.02, None)
+    x = torch.randn(64, 576)
+    with torch.inference_mode():
+        batched = layer(x)
+        for rows in (1, 2, 3, 8, 16, 64):
+            assert torch.equal(layer(x[:rows]), batched[:rows]), rows
+        for i in range(16):
+            assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), i
+
+
+def test_pack_model_replaces_every_linear():
+    model, _ = make_tiny_llama(seed=0)
+    count = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_model(model) == count == 7 * model.config.num_hidden_layers + 1
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.get_output_embeddings(), PackedLinear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)  # the tied embeddings stay
+
+
+def test_auto_packs_float32_models():
+    model, tokenizer = make_tiny_llama(seed=0)
+    reference, _ = make_tiny_llama(seed=0)
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.applied == "packed"
+    assert report.layers == 7 * model.config.num_hidden_layers + 1
+    assert report.describe() == f"dense float32 weights packed for oneDNN in {report.layers} layers"
+
+    ids = torch.tensor([build_prompt(tokenizer, [("user", "Hello there")]).ids])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["none", "int4"])
+def test_only_auto_packs(mode):
+    model, _ = make_tiny_llama(seed=0)
+    if mode == "int4":
+        with pytest.raises(ValueError, match="set dtype to bfloat16"):
+            quantize_model(model, mode, torch.float32)
+    else:
+        assert quantize_model(model, mode, torch.float32).applied == "none"
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("meta", torch.float32, "the model runs on meta"),
+    ("cpu", torch.bfloat16, "only float32 is packed"),
+])
+def test_packing_blocker_says_why(device, dtype, expected):
+    reason = packing_blocker(torch.device(device), dtype)
+    assert reason is not None and expected in reason
+    assert packing_blocker(torch.device("cpu"), torch.float32) is None
+
+
+def test_failed_self_check_keeps_dense_weights(monkeypatch):
+    monkeypatch.setattr(packed, "_self_check", lambda: "oneDNN's packed linear does not match F.linear")
+    model, _ = make_tiny_llama(seed=0)
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.applied == "none"
+    assert "does not match F.linear" in report.describe()
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_load_model_auto_packs_in_float32(tmp_path):
+    make_tiny_llama(tmp_path / "tiny", seed=4)
+    loaded = load_model(str(tmp_path / "tiny"), dtype="float32", quantization="auto", home=tmp_path)
+    plain = load_model(str(tmp_path / "tiny"), dtype="float32", quantization="none", home=tmp_path)
+    assert loaded.quantization.startswith("dense float32 weights packed for oneDNN")
+    assert plain.quantization == "dense weights (quantization none)"
+
+    ids = [build_prompt(loaded.tokenizer, [("user", text)]).ids for text in PROMPTS]
+    requests = [GenerationRequest(p, GREEDY) for p in ids]
+    assert [r.token_ids for r in Generator(loaded.model, loaded.tokenizer).generate(requests)] == \
+           [r.token_ids for r in Generator(plain.model, plain.tokenizer).generate(requests)]
+
+    # transformers' own loop runs on packed layers too (bench/decode.py times it).
+    prompt = torch.tensor([ids[0]])
+    out = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=4,
+                                min_new_tokens=4, pad_token_id=0)
+    assert out.shape == (1, len(ids[0]) + 4)
+
+
+def test_bridged_packed_batch_invariance():
+    model, tokenizer = make_tiny_llama(seed=0)
+    assert quantize_model(model, "auto", torch.float32).applied == "packed"
+    checkpoint = new_checkpoint(model.config)
+    randomize_write_out(checkpoint.bridge)
+    handle = attach_bridge(model, checkpoint.bridge)
+    generator = Generator(model, tokenizer, handle)
+    ids = [build_prompt(tokenizer, [("user", text)]).ids for text in PROMPTS]
+    sessions = [np.random.default_rng(i).normal(size=32).astype(np.float32) for i in range(3)]
+    requests = [GenerationRequest(p, GREEDY, session=s) for p, s in zip(ids, sessions)]
+    alone = [generator.generate([r])[0].token_ids for r in requests]
+    together = [row.token_ids for row in generator.generate(requests)]
+    assert together == alone
+
+    # A row that joins a running batch gets the logits it gets alone, to float rounding.
+    batch = DecodeBatch(generator)
+    batch.add(requests[:1], [0])
+    batch.add(requests[1:], [1, 2])
+    solo = DecodeBatch(generator)
+    solo.add(requests[1:2], [1])
+    torch.testing.assert_close(batch.logits[1], solo.logits[0], atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ import numpy as np
 from app.errors import SessionNotFound, StateConflict, StateInvalid
 from app.metrics import Metrics
 from app.store import StateStore, StoredSession
-from senab.affect import read_affect
+from senab.affect import ProbeWeights, read_affect
 from senab.bridge import Checkpoint
 from senab.state import MAX_TURN, Affect, RecordError, SessionRecord, TrajectoryPoint
 
@@ -72,6 +72,7 @@ class SessionService:
         self.metrics = metrics or Metrics()
         self.checkpoint = checkpoint
         self.set_point = checkpoint.bridge.set_point.detach().float().cpu().numpy()
+        self._probe = None if checkpoint.probe is None else ProbeWeights.of(checkpoint.probe)
         self.max_commit_attempts = max_commit_attempts
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -86,8 +87,7 @@ class SessionService:
 
     def affect(self, state: np.ndarray) -> Affect:
         """Return the affect at float32 precision, the precision trajectory points store."""
-        affect = read_affect(state, self.set_point, arousal_scale=self.checkpoint.arousal_scale,
-                             probe=self.checkpoint.probe)
+        affect = read_affect(state, self.set_point, arousal_scale=self.checkpoint.arousal_scale, probe=self._probe)
         return Affect(valence=None if affect.valence is None else float(np.float32(affect.valence)),
                       arousal=float(np.float32(affect.arousal)), distance=float(np.float32(affect.distance)))
 

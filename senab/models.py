@@ -528,6 +528,32 @@ def _context_length(config: Any, path: str) -> int:
     raise ModelError(f"Config in {path} has no max_position_embeddings: set it in {path}/config.json")
 
 
+def _load_causal_lm(path: Path, config: Any, dtype: torch.dtype, *, in_memory: bool) -> Any:
+    """Load the causal LM at `path`, from its safetensors files read with pread when `in_memory`.
+
+    Falls back to transformers' own loading (memory-mapped) for other checkpoint formats
+    and for model classes outside transformers.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not in_memory or not files or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt", backend="pread") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state,
+                                                                      dtype=dtype)
+    if (Path(path) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -570,8 +596,11 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(resolved.path)
         context_length = _context_length(config, resolved.path)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, config=config,
-                                                     dtype=torch.float32 if quantize else torch_dtype)
+        # Weights that quantize_model may replace are read into process memory: the
+        # replaced ones are then freed layer by layer, where the pages of a memory-mapped
+        # file would stay resident until every weight read from it is gone.
+        model = _load_causal_lm(resolved.path, config, torch.float32 if quantize else torch_dtype,
+                                in_memory=quantization != "none" and torch_device.type == "cpu")
         model.to(torch_device)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except load_errors as exc:

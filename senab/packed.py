@@ -93,9 +93,10 @@ def pack_model(model: nn.Module) -> int:
     the packed copy costs one more copy of that matrix. Hooks on the replaced layers are
     not carried over, so register them after packing.
     """
-    linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
-    for name, module in linears:
+    # Names only, so that each replaced layer's weight can be freed before the next is packed.
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, PackedLinear.from_linear(module))
-    return len(linears)
+        setattr(parent, attribute, PackedLinear.from_linear(getattr(parent, attribute)))
+    return len(names)

@@ -215,14 +215,12 @@ class Engine:
 
             self._running = len(batch)
             self.metrics.batch_size.observe(len(batch))
+            # Tokens go out before the forward call that computes the next ones, so a
+            # stream receives each token one forward call earlier than after a whole step.
             try:
-                outputs = batch.step(should_cancel)
+                outputs = batch.sample(should_cancel)
             except Exception as exc:
-                failed = batch.abort()
-                logger.exception("decode step failed; ending requests %s",
-                                 ", ".join(jobs[i].request_id for i in failed))
-                for index in failed:
-                    jobs.pop(index)._emit(exc)
+                self._fail(batch, jobs, exc)
                 outputs = []
             for output in outputs:
                 job = jobs[output.index]
@@ -231,7 +229,20 @@ class Engine:
                     del jobs[output.index]
                     logger.debug("request %s finished (%s) after %d tokens", job.request_id,
                                  output.finish_reason, output.completion_tokens)
+            try:
+                batch.forward()
+            except Exception as exc:
+                self._fail(batch, jobs, exc)
             self._running = len(batch)
+
+    @staticmethod
+    def _fail(batch: DecodeBatch, jobs: dict[int, Job], exc: Exception) -> None:
+        """End every row of `batch` with `exc`, after a failed decode step."""
+        failed = batch.abort()
+        logger.exception("decode step failed; ending requests %s", ", ".join(jobs[i].request_id for i in failed),
+                         exc_info=exc)
+        for index in failed:
+            jobs.pop(index)._emit(exc)
 
     def _admit(self, *, block: bool, room: int) -> list[Job] | None:
         """Take up to `room` queued jobs (waiting for one when `block`); None means stop."""

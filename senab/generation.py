@@ -223,9 +223,10 @@ class Generator:
         batch = DecodeBatch(self)
         batch.add(requests, list(range(len(requests))))
         while batch:
-            outputs = batch.step(should_cancel)
+            outputs = batch.sample(should_cancel)
             if outputs:
                 yield outputs
+            batch.forward()
 
     def generate(self, requests: list[GenerationRequest]) -> list[RowOutput]:
         """Run the batch to completion and return each row's whole output."""
@@ -335,6 +336,7 @@ class DecodeBatch:
         self.position_ids: torch.Tensor | None = None  # (B, 1) position of each row's last token
         self.bridge_state: BridgeState | None = None
         self.logits: torch.Tensor | None = None  # (B, V) for each row's next token
+        self._pending: list[int] | None = None  # tokens sampled but not yet run through the model
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -349,6 +351,8 @@ class DecodeBatch:
         """
         if len(indices) != len(requests):
             raise ValueError(f"got {len(indices)} indices for {len(requests)} requests")
+        if self._pending is not None:
+            raise RuntimeError("DecodeBatch.add called between sample and forward")
         for i, request in zip(indices, requests):
             if not request.prompt_ids:
                 raise ValueError(f"request {i} has an empty prompt")
@@ -416,9 +420,22 @@ class DecodeBatch:
         state.cache = bridge.cell.empty_cache(count, device=like.cache[0].device, dtype=like.cache[0].dtype)
         return state
 
-    @torch.inference_mode()
     def step(self, should_cancel: Callable[[int], bool] | None = None) -> list[RowOutput]:
-        """Sample every row's next token; return the outputs with text or a finish reason."""
+        """Sample every row's next token, then run the forward call for the next one."""
+        outputs = self.sample(should_cancel)
+        self.forward()
+        return outputs
+
+    @torch.inference_mode()
+    def sample(self, should_cancel: Callable[[int], bool] | None = None) -> list[RowOutput]:
+        """Sample every row's next token from the last forward call and drop finished rows.
+
+        Returns the outputs with text or a finish reason. Call `forward` before the next
+        `sample`: a server sends these outputs first, so a token is not held back for the
+        time of a forward call.
+        """
+        if self._pending is not None:
+            raise RuntimeError("DecodeBatch.sample called twice without forward in between")
         g = self.generator
         outputs: list[RowOutput] = []
         next_tokens: list[int] = []
@@ -434,18 +451,24 @@ class DecodeBatch:
                 next_tokens.append(row.generated[-1])
             if output.text or output.finish_reason is not None:
                 outputs.append(output)
-        if not keep:
-            self.__init__(g)
-            return outputs
         if len(keep) < len(self.rows):
             self._select(keep)
+        if self.rows:
+            self._pending = next_tokens
+        return outputs
 
-        step_ids = torch.tensor(next_tokens, device=g.device).unsqueeze(1)
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Run the forward call on the tokens of the last `sample` (nothing when no rows are left)."""
+        if self._pending is None:
+            return
+        g = self.generator
+        step_ids = torch.tensor(self._pending, device=g.device).unsqueeze(1)
+        self._pending = None
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)
         self.position_ids = self.position_ids + 1
         self.logits = g._forward(step_ids, self.attention_mask, self.position_ids, self.cache, self.bridge_state,
                                  valid=None)
-        return outputs
 
     def abort(self) -> list[int]:
         """Drop every row (after a failed forward call); return their indices."""

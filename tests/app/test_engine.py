@@ -127,3 +127,88 @@ def test_stop_with_a_full_queue_cancels_and_rejects():
     assert stopped_in < 5
     assert all(isinstance(outcome, ModelUnavailable) for outcome in outcomes)
     assert last.finish_reason == "cancelled"
+
+
+def engine_on_tiny_model(**options):
+    from app.engine import Engine
+
+    model, tokenizer = make_tiny_llama(seed=0)
+    served = ServedModel(model=model, tokenizer=tokenizer, name=TINY, context_length=256,
+                         checkpoint=new_checkpoint(model.config))
+    return Engine(served, **options), model, tokenizer
+
+
+def test_token_goes_out_before_the_next_forward():
+    import asyncio
+    import threading
+
+    from senab.generation import GenerationRequest, SamplingParams
+
+    engine, model, tokenizer = engine_on_tiny_model()
+    release = threading.Event()
+    calls = []
+
+    def hold_second_forward(*args):
+        calls.append(time.monotonic())
+        if len(calls) == 2:  # the first decode forward, after the prefill
+            release.wait(10)
+
+    hook = model.register_forward_pre_hook(hold_second_forward)
+    prompt = tokenizer("Hello", add_special_tokens=False).input_ids
+
+    async def run():
+        engine.start()
+        job = engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0)),
+                            request_id="first-token", timeout_s=60)
+        first = await asyncio.wait_for(job.events.get(), 5)  # arrives while the forward is held
+        release.set()
+        rest = [item async for item in job.stream()]
+        return first, rest
+
+    try:
+        first, rest = asyncio.run(run())
+    finally:
+        release.set()
+        hook.remove()
+        engine.stop()
+    assert first.completion_tokens == 1
+    assert first.finish_reason is None
+    assert rest[-1].finish_reason is not None
+
+
+def test_failed_forward_ends_its_rows_and_engine_goes_on(monkeypatch):
+    import asyncio
+
+    from senab.generation import DecodeBatch, GenerationRequest, SamplingParams
+
+    engine, _, tokenizer = engine_on_tiny_model()
+    forward = DecodeBatch.forward
+    failures = []
+
+    def fail_once(self):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("injected forward failure")
+        return forward(self)
+
+    monkeypatch.setattr(DecodeBatch, "forward", fail_once)
+    prompt = tokenizer("Hello", add_special_tokens=False).input_ids
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0))
+
+    async def run():
+        engine.start()
+        failed = engine.submit(request, request_id="fails", timeout_s=60)
+        items = []
+        with pytest.raises(RuntimeError, match="injected forward failure"):
+            async for item in failed.stream():
+                items.append(item)
+        served = engine.submit(request, request_id="after", timeout_s=60)
+        return items, [item async for item in served.stream()]
+
+    try:
+        before_failure, after = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert [item.completion_tokens for item in before_failure] == [1]  # sent before the forward failed
+    assert after[-1].finish_reason == "length"
+    assert after[-1].completion_tokens == 4

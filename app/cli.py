@@ -17,7 +17,7 @@ SERVE_FLAGS: list[tuple[str, str, str]] = [
     ("--model", "SENAB_MODEL", "base model: a directory, a .gguf file or a hub id (default SmolLM2-135M-Instruct)"),
     ("--device", "SENAB_DEVICE", "auto, cpu, cuda or cuda:N (default auto)"),
     ("--dtype", "SENAB_DTYPE", "auto, float32, bfloat16 or float16 (default auto)"),
-    ("--quantization", "SENAB_QUANTIZATION", "auto, none or int4: 4-bit linear layers on a CPU (default auto)"),
+    ("--quantization", "SENAB_QUANTIZATION", "auto, none or int4: 4-bit or oneDNN-packed linear layers on a CPU (default auto)"),
     ("--home", "SENAB_HOME", "directory for pulled models (default ~/.cache/senab)"),
     ("--bridge", "SENAB_BRIDGE", "bridge checkpoint directory (default: the shipped or untrained one)"),
     ("--redis-url", "REDIS_URL", "Redis URL for session state (default: in-process memory)"),

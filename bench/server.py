@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         # A level lasts 1.5 to 5 s, and other tenants of a shared machine move such a run by
         # 10% either way. So every level runs in each of --rounds rounds, and the table shows
         # each level's run with the median aggregate. The bare loop runs at the start of
-        # every round, while the server is idle, and the single-stream ratio is the median
-        # of the rounds' ratios, so both sides of it are measured minutes apart at most.
+        # every round, while the server is idle. The single-stream ratio is the median of
+        # the rounds' ratios, so its two sides are measured at most minutes apart.
         runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
         bare_runs: list[float] = []
         for _ in range(args.rounds):

@@ -15,8 +15,8 @@ from senab.state import Affect
 class ProbeWeights:
     """A valence probe's weights as NumPy values, read once from its `torch.nn.Linear`.
 
-    A torch call costs about 0.1 ms on a slow CPU and the server reads affect on every
-    commit, so `SessionService` keeps the probe in this form.
+    A torch call cost about 0.1 ms on a 2-core AMD EPYC and the server reads affect on
+    every commit, so `SessionService` keeps the probe in this form.
     """
 
     weight: np.ndarray  # (C,) float64

@@ -8,9 +8,9 @@ blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied by
 `torch.ops.mkldnn._linear_pointwise`, the same products took 41 and 87 ms, and the output
 layer 6 and 18 ms.
 
-The packed product also computes each row the same way whatever the number of rows in
-the call, to the bit, where MKL's sgemm on that machine gave the first row other
-roundings for 1 row than for 2 or more. So a row's logits do not depend on its batch.
+The packed product also rounds each row the same way, to the bit, whatever the number of
+rows in the call. On that machine MKL's sgemm rounded a row differently alone than in a
+call with other rows. So with packed weights a row's logits do not depend on its batch.
 `packing_blocker` checks both properties once per process and keeps the dense weights if
 either fails.
 

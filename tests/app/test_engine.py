@@ -176,7 +176,7 @@ def test_token_goes_out_before_the_next_forward():
     assert rest[-1].finish_reason is not None
 
 
-def test_failed_forward_ends_its_rows_and_engine_goes_on(monkeypatch):
+def test_engine_survives_failed_forward(monkeypatch):
     import asyncio
 
     from senab.generation import DecodeBatch, GenerationRequest, SamplingParams

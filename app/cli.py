@@ -17,7 +17,9 @@ SERVE_FLAGS: list[tuple[str, str, str]] = [
     ("--model", "SENAB_MODEL", "base model: a directory, a .gguf file or a hub id (default SmolLM2-135M-Instruct)"),
     ("--device", "SENAB_DEVICE", "auto, cpu, cuda or cuda:N (default auto)"),
     ("--dtype", "SENAB_DTYPE", "auto, float32, bfloat16 or float16 (default auto)"),
-    ("--quantization", "SENAB_QUANTIZATION", "auto, none or int4: 4-bit or oneDNN-packed linear layers on a CPU (default auto)"),
+    ("--quantization", "SENAB_QUANTIZATION",
+     "auto, none or int4 (default auto). On a CPU, auto takes 4-bit weights in bfloat16 where they are exact "
+     "and oneDNN-packed weights in float32. none keeps plain dense weights. int4 needs bfloat16"),
     ("--home", "SENAB_HOME", "directory for pulled models (default ~/.cache/senab)"),
     ("--bridge", "SENAB_BRIDGE", "bridge checkpoint directory (default: the shipped or untrained one)"),
     ("--redis-url", "REDIS_URL", "Redis URL for session state (default: in-process memory)"),
@@ -61,7 +63,9 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     app = create_app(settings, served=served)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
+        # access_log=False: the app logs one access line per request itself (app.main).
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=30)
     except SystemExit as exc:  # uvicorn exits this way when start-up fails
         return int(exc.code or 1)
     return 0

@@ -132,8 +132,13 @@ class RequestContextMiddleware:
             fields.update(session_id=turn.session_id, prompt_tokens=turn.prompt_tokens,
                           completion_tokens=turn.completion_tokens)
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
-        logger.log(level, "request %s: %s %s -> %d in %.1f ms", request_id, fields["method"], path, status,
-                   latency_ms, extra=fields)
+        if turn is None:
+            logger.log(level, "request %s: %s %s -> %d in %.1f ms", request_id, fields["method"], path, status,
+                       latency_ms, extra=fields)
+        else:
+            logger.log(level, "request %s: %s %s -> %d in %.1f ms (session %s, %d prompt and %d completion tokens)",
+                       request_id, fields["method"], path, status, latency_ms, turn.session_id, turn.prompt_tokens,
+                       turn.completion_tokens, extra=fields)
 
 
 async def _send_json(send: Send, status: int, body: dict, request_id: str) -> None:
@@ -182,7 +187,7 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
         if not app.state.services.api_keys:
             logger.info("SENAB_API_KEYS is unset: requests need no API key and share one tenant")
         logger.info("serving %s and %s on %s (%s, %s), bridge checkpoint %s, %d trainable bridge parameters; "
-                    "ready in %.1f s", model.name, model.senab_name, model.device, model.dtype, model.weights,
+                    "engine and state store ready in %.1f s", model.name, model.senab_name, model.device, model.dtype, model.weights,
                     model.checkpoint.checkpoint_id, model.checkpoint.bridge.num_parameters(),
                     time.monotonic() - started)
         try:

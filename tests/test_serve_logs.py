@@ -36,6 +36,9 @@ def test_json_logs_carry_request_fields(tmp_path, redis_url):
     assert access[0]["request_id"] == response.headers["X-Request-Id"]
     assert access[0]["completion_tokens"] == response.json()["usage"]["completion_tokens"]
     assert access[0]["latency_ms"] > 0
+    assert len(access) == 1
+    assert "uvicorn.access" not in {e["logger"] for e in entries}  # one access line per request
+    assert "(session logged," in access[0]["message"]
     for word in ("tiny-model", "cpu", "checkpoint"):
         assert word in ready
     assert "k" * 24 not in text

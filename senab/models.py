@@ -538,7 +538,7 @@ def _load_causal_lm(path: Path, config: Any, dtype: torch.dtype, *, in_memory: b
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = _safetensors_files(Path(path))
     if not in_memory or not files or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
 
@@ -550,8 +550,27 @@ def _load_causal_lm(path: Path, config: Any, dtype: torch.dtype, *, in_memory: b
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state,
                                                                       dtype=dtype)
     if (Path(path) / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:  # transformers' own loading also goes on without it
+            logger.warning("ignoring %s/generation_config.json: %s", path, _first_line(exc))
     return model
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """Return the weight files transformers would load from `path`: `model.safetensors`, or
+    the shards its index lists. Other `.safetensors` files (adapters, stale shards) are left out."""
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # transformers' own loading reports the broken index
+    return [path / shard for shard in shards]
 
 
 def load_model(

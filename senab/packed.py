@@ -11,8 +11,11 @@ layer 6 and 18 ms.
 The packed product also rounds each row the same way, to the bit, whatever the number of
 rows in the call. On that machine MKL's sgemm rounded a row differently alone than in a
 call with other rows. So with packed weights a row's logits do not depend on its batch.
-`packing_blocker` checks both properties once per process and keeps the dense weights if
-either fails.
+`packing_blocker` checks both properties once per process on a small layer, and
+`batch_dependent_shape` checks row invariance on one layer of each of the model's shapes
+(oneDNN picks kernels by shape and CPU). `quantize_model` keeps the plain weights if either
+fails. NOTE: the checks run with the loading thread's single intra-op thread, while the
+server decodes with all cores; on AVX2 the rows were bit-identical with 1 and 2 threads.
 
 Packed layers have no gradient, so only serving packs them. Training, evaluation and
 `senab compare` keep the plain weights.
@@ -30,7 +33,10 @@ class PackedLinear(nn.Module):
     """A frozen float32 linear layer whose weight is stored in oneDNN's blocked layout.
 
     The packed weight is a plain attribute, not a buffer, because a tensor in the mkldnn
-    layout cannot be cast, saved or moved like a dense one. It stays float32 on the CPU.
+    layout cannot be cast, saved or moved like a dense one. It stays float32 on the CPU. So a
+    packed model is for inference only: `state_dict()` leaves the packed weights out, deepcopy
+    and pickling raise, `.to(dtype)` leaves these layers in float32, and no gradient flows
+    through them.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -83,6 +89,29 @@ def _self_check() -> str | None:
         return "oneDNN's packed linear does not match F.linear in this PyTorch"
     if not torch.equal(batched, alone):
         return "oneDNN's packed linear rounds a row differently in a batch than alone"
+    return None
+
+
+def batch_dependent_shape(model: nn.Module, rows: int = 16) -> str | None:
+    """Return the first linear shape of `model` whose packed rows round differently alone than
+    in a batch of `rows`, or None when every shape is row-invariant.
+
+    Packs one layer of each shape with its own weights, because oneDNN picks its kernels by
+    shape and by what the CPU supports. The check runs on the calling thread's intra-op
+    threads only.
+    """
+    generator = torch.Generator().manual_seed(0)
+    checked: set[tuple[int, int]] = set()
+    for module in model.modules():
+        if type(module) is not nn.Linear or tuple(module.weight.shape) in checked:
+            continue
+        checked.add(tuple(module.weight.shape))
+        layer = PackedLinear.from_linear(module)
+        inputs = torch.randn(rows, layer.in_features, generator=generator)
+        with torch.inference_mode():
+            batched = layer(inputs)
+            if not all(torch.equal(layer(inputs[i:i + 1]), batched[i:i + 1]) for i in range(rows)):
+                return f"{layer.out_features} x {layer.in_features}"
     return None
 
 

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from senab.packed import pack_model, packing_blocker
+from senab.packed import batch_dependent_shape, pack_model, packing_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,10 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
     if mode == "auto" and problem:
         # Where 4-bit weights cannot run, auto takes the next fastest exact format.
         packing_problem = packing_blocker(device, dtype)
+        if packing_problem is None:
+            shape = batch_dependent_shape(model)
+            if shape is not None:
+                packing_problem = f"oneDNN's packed linear rounds {shape} rows differently in a batch than alone"
         if packing_problem is None:
             report.applied = "packed"
             report.layers = pack_model(model)

@@ -400,6 +400,42 @@ def test_damaged_redis_keys_rejected_and_reset_repairs(live_server, redis_url, r
     assert turn_after == 0
 
 
+@pytest.mark.parametrize("damage", ["state-string", "state-list", "replies-string", "version-negative",
+                                    "version-underscore", "version-huge"])
+def test_foreign_keys_rejected_before_generation(live_server, redis_url, redis_prefix, damage):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    session_id = f"foreign-{damage}"
+    keys = {name: f"{redis_prefix}:{{default:{session_id}}}:{name}" for name in ("state", "replies")}
+    assert live_server.chat(HELLO, session_id=session_id).status_code == 200
+    kind, _, value = damage.partition("-")
+    if kind == "version":
+        client.hset(keys["state"], "v", {"negative": "-1", "underscore": "1_0", "huge": str(2**60)}[value])
+    else:
+        client.delete(keys[kind])
+        if value == "string":
+            client.set(keys[kind], "x")
+        else:
+            client.rpush(keys[kind], "x")
+    headers = {"Idempotency-Key": "next-turn"} if kind == "replies" else {}
+    chat = live_server.client.post("/v1/chat/completions", headers={"X-Session-Id": session_id, **headers},
+                                   json={"model": SENAB, "messages": [{"role": "user", "content": "next"}]})
+    state = live_server.client.get(f"/sessions/{session_id}/state")
+    reset = live_server.client.post(f"/sessions/{session_id}/reset")
+    after = live_server.chat(HELLO, session_id=session_id)
+    live_server.client.delete(f"/sessions/{session_id}")
+    client.close()
+
+    message = assert_error(chat, 409, "state_invalid")["message"]
+    assert session_id in message
+    assert "reset" in message
+    if kind != "replies":  # the state itself is fine when only the replies key is damaged
+        assert_error(state, 409, "state_invalid")
+    assert reset.status_code == 200
+    assert after.status_code == 200
+
+
 async def _write_record(redis_url: str, live_server, session_id: str, record: bytes) -> None:
     from app.store import RedisStateStore
 

@@ -149,3 +149,30 @@ def test_bridged_packed_batch_invariance():
     solo = DecodeBatch(generator)
     solo.add(requests[1:2], [1])
     torch.testing.assert_close(batch.logits[1], solo.logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_in_memory_load_reads_only_the_model_files(tmp_path):
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "tiny"
+    make_tiny_llama(directory, seed=5)
+    hidden = 64
+    save_file({"model.norm.weight": torch.zeros(hidden)}, directory / "zz-adapter.safetensors")
+    (directory / "generation_config.json").write_text("{not json")
+    loaded = load_model(str(directory), dtype="float32", quantization="auto", home=tmp_path)
+    plain = load_model(str(directory), dtype="float32", quantization="none", home=tmp_path)
+
+    assert loaded.quantization.startswith("dense float32 weights packed")
+    assert torch.equal(loaded.model.model.norm.weight, plain.model.model.norm.weight)
+    assert loaded.model.model.norm.weight.abs().sum() > 0  # not the stray file's zeros
+
+
+def test_batch_dependent_shape_keeps_dense_weights(monkeypatch):
+    model, _ = make_tiny_llama(seed=0)
+    assert packed.batch_dependent_shape(model) is None  # this machine's oneDNN is row-invariant
+
+    monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda model: "128 x 64")
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.applied == "none"
+    assert "rounds 128 x 64 rows differently" in report.reason
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -10,7 +10,8 @@ layer 6 and 18 ms.
 
 The packed product also rounds each row the same way, to the bit, whatever the number of
 rows in the call. On that machine MKL's sgemm rounded a row differently alone than in a
-call with other rows. So with packed weights a row's logits do not depend on its batch.
+call with other rows. So with packed weights the linear layers do not make a row's logits
+depend on its batch (attention over padding still can, in rounding).
 `packing_blocker` checks both properties once per process on a small layer, and
 `batch_dependent_shape` checks row invariance on one layer of each of the model's shapes
 (oneDNN picks kernels by shape and CPU). `quantize_model` keeps the plain weights if either

@@ -615,9 +615,9 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(resolved.path)
         context_length = _context_length(config, resolved.path)
-        # Weights that quantize_model may replace are read into process memory: the
-        # replaced ones are then freed layer by layer, where the pages of a memory-mapped
-        # file would stay resident until every weight read from it is gone.
+        # Weights that quantize_model may replace are read into process memory, so the
+        # replaced ones are freed layer by layer. The pages of a memory-mapped file would
+        # stay resident until every weight read from it is gone.
         model = _load_causal_lm(resolved.path, config, torch.float32 if quantize else torch_dtype,
                                 in_memory=quantization != "none" and torch_device.type == "cpu")
         model.to(torch_device)

@@ -15,8 +15,8 @@ depend on its batch (attention over padding still can, in rounding).
 `packing_blocker` checks both properties once per process on a small layer, and
 `batch_dependent_shape` checks row invariance on one layer of each of the model's shapes
 (oneDNN picks kernels by shape and CPU). `quantize_model` keeps the plain weights if either
-fails. NOTE: the checks run with the loading thread's single intra-op thread, while the
-server decodes with all cores; on AVX2 the rows were bit-identical with 1 and 2 threads.
+fails. NOTE: the checks run on the loading thread's single intra-op thread, but the server
+decodes on all cores. On AVX2 the rows were bit-identical with 1 and 2 threads.
 
 Packed layers have no gradient, so only serving packs them. Training, evaluation and
 `senab compare` keep the plain weights.
@@ -83,14 +83,19 @@ def _self_check() -> str | None:
         layer = PackedLinear(weight, None)
         with torch.inference_mode():
             batched = layer(inputs)
-            alone = torch.cat([layer(inputs[i:i + 1]) for i in range(len(inputs))])
+            rows_alike = _rounds_rows_alike(layer, inputs, batched)
     except (RuntimeError, AttributeError) as exc:  # an op missing or renamed in this torch
         return f"oneDNN's packed linear failed in this PyTorch {torch.__version__} ({exc})"
     if not torch.allclose(batched, nn.functional.linear(inputs, weight), rtol=1e-5, atol=1e-5):
         return "oneDNN's packed linear does not match F.linear in this PyTorch"
-    if not torch.equal(batched, alone):
+    if not rows_alike:
         return "oneDNN's packed linear rounds a row differently in a batch than alone"
     return None
+
+
+def _rounds_rows_alike(layer: PackedLinear, inputs: torch.Tensor, batched: torch.Tensor) -> bool:
+    """Check that `layer` gives each row of `inputs` alone exactly its row of `batched`."""
+    return all(torch.equal(layer(inputs[i:i + 1]), batched[i:i + 1]) for i in range(len(inputs)))
 
 
 def batch_dependent_shape(model: nn.Module, rows: int = 16) -> str | None:
@@ -110,14 +115,13 @@ def batch_dependent_shape(model: nn.Module, rows: int = 16) -> str | None:
         layer = PackedLinear.from_linear(module)
         inputs = torch.randn(rows, layer.in_features, generator=generator)
         with torch.inference_mode():
-            batched = layer(inputs)
-            if not all(torch.equal(layer(inputs[i:i + 1]), batched[i:i + 1]) for i in range(rows)):
+            if not _rounds_rows_alike(layer, inputs, layer(inputs)):
                 return f"{layer.out_features} x {layer.in_features}"
     return None
 
 
 def pack_model(model: nn.Module) -> int:
-    """Replace every float32 nn.Linear of `model` by a `PackedLinear`; return how many.
+    """Replace every nn.Linear of `model` by a float32 `PackedLinear`; return how many.
 
     The output layer is packed too. When it shares its weight with the token embeddings,
     the packed copy costs one more copy of that matrix. Hooks on the replaced layers are

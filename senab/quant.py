@@ -104,7 +104,7 @@ def int4_kernel_available() -> bool:
 
 @functools.cache
 def packed_block() -> int | None:
-    """Return the rows per block of this torch's int4 packing, or None if it is not one we read.
+    """Return the rows per block of this torch's int4 packing, or None for a layout `unpack` cannot read.
 
     Checked once per process, by unpacking random codes with each known block size.
     """

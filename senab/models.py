@@ -27,6 +27,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from senab.packed import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -112,11 +114,7 @@ def senab_home() -> Path:
 
 def cpu_has_native_bf16() -> bool:
     """Return True when /proc/cpuinfo lists `avx512_bf16` or `amx_bf16` (Linux only)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set(cpuinfo.split())
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -20,74 +20,121 @@ decodes on all cores. On AVX2 the rows were bit-identical with 1 and 2 threads.
 
 Packed layers have no gradient, so only serving packs them. Training, evaluation and
 `senab compare` keep the plain weights.
+
+oneDNN packs bfloat16 weights too. On a CPU with AMX tiles a bfloat16 product costs about
+the same for 1 row as for 16, which the 4-bit kernel of `senab.quant` does not: there
+4-bit layers keep a packed bfloat16 copy for batches and prompts (see `Int4Linear`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class PackedLinear(nn.Module):
-    """A frozen float32 linear layer whose weight is stored in oneDNN's blocked layout.
+    """A frozen linear layer whose weight is stored in oneDNN's blocked layout.
 
     The packed weight is a plain attribute, not a buffer, because a tensor in the mkldnn
-    layout cannot be cast, saved or moved like a dense one. It stays float32 on the CPU. So a
-    packed model is for inference only: `state_dict()` leaves the packed weights out, deepcopy
-    and pickling raise, `.to(dtype)` leaves these layers in float32, and no gradient flows
+    layout cannot be cast, saved or moved like a dense one. It keeps the dtype it was packed
+    in (float32 or bfloat16) and stays on the CPU; inputs are cast to that dtype. So a packed
+    model is for inference only: `state_dict()` leaves the packed weights out, deepcopy and
+    pickling raise, `.to(dtype)` leaves these layers in their dtype, and no gradient flows
     through them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if dtype not in PACKED_DTYPES:
+            raise ValueError(f"Cannot pack weights in {dtype}: use torch.float32 or torch.bfloat16")
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.dtype = dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear) -> PackedLinear:
-        return cls(module.weight, module.bias)
+    def from_linear(cls, module: nn.Linear, dtype: torch.dtype = torch.float32) -> PackedLinear:
+        return cls(module.weight, module.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias, "none", [], "")
+        if flat.dtype != self.dtype:
+            flat = flat.to(self.dtype)
+        # `.to(dtype)` on the model casts the bias with the rest; the product takes one dtype.
+        bias = self.bias if self.bias is None or self.bias.dtype == self.dtype else self.bias.to(self.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, layout=mkldnn"
-
-
-def packing_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Return why packed weights cannot serve on `device` in `dtype`, or None when they can."""
-    if device.type != "cpu":
-        return f"the model runs on {device}"
-    if dtype != torch.float32:
-        # NOTE: oneDNN also packs bfloat16 weights, but that path has not been measured here.
-        return f"the model runs in {str(dtype).removeprefix('torch.')}, and only float32 is packed"
-    if not torch.backends.mkldnn.is_available():
-        return f"this PyTorch {torch.__version__} was built without oneDNN"
-    return _self_check()
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout=mkldnn, dtype={dtype}"
 
 
 @functools.cache
-def _self_check() -> str | None:
-    """Check once per process that the packed product matches `F.linear` and is row-invariant."""
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 64, generator=generator)
-    inputs = torch.randn(16, 64, generator=generator)
+def cpu_flags() -> frozenset[str]:
+    """Return the feature flags of /proc/cpuinfo (empty where there is none, as off Linux)."""
     try:
-        layer = PackedLinear(weight, None)
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def packing_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Return why float32 weights cannot be packed to serve on `device` in `dtype`, or None when they can."""
+    if device.type != "cpu":
+        return f"the model runs on {device}"
+    if dtype != torch.float32:
+        # bfloat16 weights are packed only as the copy that 4-bit layers keep (`amx_blocker`).
+        return f"the model runs in {str(dtype).removeprefix('torch.')}, and only float32 models are packed"
+    return _onednn_blocker() or _self_check(torch.float32)
+
+
+def amx_blocker() -> str | None:
+    """Return why packed bfloat16 products would not pay on this CPU, or None when they do.
+
+    They were measured only where the CPU has AMX tiles (`amx_bf16`), so elsewhere the
+    4-bit kernel serves alone.
+    """
+    if "amx_bf16" not in cpu_flags():
+        return "the CPU has no AMX tiles for bfloat16 (amx_bf16)"
+    return _onednn_blocker() or _self_check(torch.bfloat16)
+
+
+def _onednn_blocker() -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return f"this PyTorch {torch.__version__} was built without oneDNN"
+    return None
+
+
+# The packed product in bfloat16 rounds its output to bfloat16, about 3 significant digits.
+_MATCH_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@functools.cache
+def _self_check(dtype: torch.dtype) -> str | None:
+    """Check once per process and dtype that the packed product matches `F.linear` and is row-invariant."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator).to(dtype)
+    inputs = torch.randn(16, 64, generator=generator).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    try:
+        layer = PackedLinear(weight, None, dtype)
         with torch.inference_mode():
             batched = layer(inputs)
             rows_alike = _rounds_rows_alike(layer, inputs, batched)
     except (RuntimeError, AttributeError) as exc:  # an op missing or renamed in this torch
-        return f"oneDNN's packed linear failed in this PyTorch {torch.__version__} ({exc})"
-    if not torch.allclose(batched, nn.functional.linear(inputs, weight), rtol=1e-5, atol=1e-5):
-        return "oneDNN's packed linear does not match F.linear in this PyTorch"
+        return f"oneDNN's packed linear failed in {name} in this PyTorch {torch.__version__} ({exc})"
+    expected = nn.functional.linear(inputs.float(), weight.float())
+    tolerance = _MATCH_TOLERANCE[dtype]
+    if not torch.allclose(batched.float(), expected, rtol=tolerance, atol=tolerance):
+        return f"oneDNN's packed linear in {name} does not match F.linear in this PyTorch"
     if not rows_alike:
         return "oneDNN's packed linear rounds a row differently in a batch than alone"
     return None
@@ -98,22 +145,23 @@ def _rounds_rows_alike(layer: PackedLinear, inputs: torch.Tensor, batched: torch
     return all(torch.equal(layer(inputs[i:i + 1]), batched[i:i + 1]) for i in range(len(inputs)))
 
 
-def batch_dependent_shape(model: nn.Module, rows: int = 16) -> str | None:
-    """Return the first linear shape of `model` whose packed rows round differently alone than
+def batch_dependent_shape(modules: Iterable[nn.Linear], rows: int = 16,
+                          dtype: torch.dtype = torch.float32) -> str | None:
+    """Return the first shape among `modules` whose packed rows round differently alone than
     in a batch of `rows`, or None when every shape is row-invariant.
 
-    Packs one layer of each shape with its own weights, because oneDNN picks its kernels by
-    shape and by what the CPU supports. The check runs on the calling thread's intra-op
-    threads only.
+    Packs one layer of each shape in `dtype` with its own weights, because oneDNN picks its
+    kernels by shape, dtype and what the CPU supports. The check runs on the calling
+    thread's intra-op threads only.
     """
     generator = torch.Generator().manual_seed(0)
     checked: set[tuple[int, int]] = set()
-    for module in model.modules():
-        if type(module) is not nn.Linear or tuple(module.weight.shape) in checked:
+    for module in modules:
+        if tuple(module.weight.shape) in checked:
             continue
         checked.add(tuple(module.weight.shape))
-        layer = PackedLinear.from_linear(module)
-        inputs = torch.randn(rows, layer.in_features, generator=generator)
+        layer = PackedLinear.from_linear(module, dtype)
+        inputs = torch.randn(rows, layer.in_features, generator=generator).to(dtype)
         with torch.inference_mode():
             if not _rounds_rows_alike(layer, inputs, layer(inputs)):
                 return f"{layer.out_features} x {layer.in_features}"

@@ -26,6 +26,15 @@ The kernel is vectorized for bfloat16 activations only: on a 2-core AVX-512 mach
 21 ms for dense bfloat16 weights. So int4 requires bfloat16. Per token it also costs
 more as the batch grows (4.9 ms for 1 row, 23 ms for 16), because it unpacks the weights
 again for every 4 rows. Dense bfloat16 took 29 ms for 16 rows.
+
+On a CPU with AMX tiles, bfloat16 weights packed for oneDNN cost the same for any number
+of rows: on a 2-core Xeon with AMX the 210 layers took 12.4 ms for 1 row and for 16, the
+4-bit kernel 5.5 and 27.5 ms. There "auto" keeps a packed bfloat16 copy of every 4-bit
+layer, and a layer runs the 4-bit kernel for decode steps of up to `INT4_MAX_ROWS` rows and
+the copy for larger steps and for prompts. The two round differently, so in this mode a
+row's logits can change in the last bits when the batch crosses that size. The copy also
+rounds a row differently in calls of more than 32 rows (576 inputs, on that machine), which
+a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from senab.packed import batch_dependent_shape, pack_model, packing_blocker
+from senab.packed import PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,11 @@ _KERNEL = "_weight_int4pack_mm_for_cpu"
 # The choice goes by positions per sequence, not rows in the call, so that a prompt's
 # numerics do not depend on the prompts prefilled with it.
 UNPACK_POSITIONS = 512
+# Decode steps of up to this many rows run on the 4-bit kernel where a layer also has a
+# packed bfloat16 copy. On a 2-core Xeon with AMX, one step of SmolLM2-135M with the bridge
+# took (4-bit kernel / packed copy, ms) 16.9 / 29.8 for 1 row, 21.5 / 29.7 for 4, 32.7 / 31.0
+# for 8 and 50.7 / 34.9 for 16; at 6 rows the two cost about the same.
+INT4_MAX_ROWS = 6
 # Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
 # 32 with AVX2. `packed_block` finds out which one this process uses.
 _PACK_BLOCKS = (64, 32)
@@ -138,10 +152,17 @@ class Int4Linear(nn.Module):
     The packed codes are a uint8 buffer (2 codes per byte, in the kernel's tiled layout).
     `scales_and_zeros` (K / 32, N, 2) follows the model's dtype through `.to(dtype)`. It must
     match the activations' dtype, because the kernel takes both in one dtype.
+
+    `dense`, when set, is a packed bfloat16 copy of the weight. It serves every call with
+    more than one position per sequence (prompts) and every call of more than
+    `INT4_MAX_ROWS` rows, so a prompt takes the same path whatever else is prefilled with it.
     """
+
+    dense: PackedLinear | None
 
     def __init__(self, grid: GroupwiseGrid, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.dense = None
         self.out_features, self.in_features = grid.codes.shape
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes, 1))
         # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
@@ -159,6 +180,8 @@ class Int4Linear(nn.Module):
         if flat.dtype != scales.dtype:
             flat = flat.to(scales.dtype)
         positions = x.shape[-2] if x.dim() >= 3 else 1
+        if self.dense is not None and (positions > 1 or flat.shape[0] > INT4_MAX_ROWS):
+            return self.dense(x)
         block = packed_block() if positions >= UNPACK_POSITIONS else None
         if block is not None and self.out_features % block == 0:
             out = nn.functional.linear(flat, self.unpack(block))
@@ -190,8 +213,14 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP_SIZE,
                                                           self.scales_and_zeros).t().float()
 
+    def keep_dense_copy(self, weight: torch.Tensor) -> None:
+        """Keep `weight` (the layer's (N, K) weight) packed in bfloat16 for batches and prompts."""
+        bias = None if self.bias is None else self.bias.detach()
+        self.dense = PackedLinear(weight, bias, torch.bfloat16)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+        copy = ", dense copy in bfloat16" if self.dense is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}{copy}"
 
 
 @dataclass
@@ -205,6 +234,8 @@ class QuantizationReport:
     exact: bool = True
     relative_error: float = 0.0  # largest over the quantized layers
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
+    dense_copies: bool = False  # int4 layers keep a packed bfloat16 copy for batches and prompts
+    dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
 
     def describe(self) -> str:
         if self.applied == "none":
@@ -212,7 +243,11 @@ class QuantizationReport:
         if self.applied == "packed":
             return f"dense float32 weights packed for oneDNN in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
-        return f"int4 weights in {self.layers} layers ({exactness})"
+        text = f"int4 weights in {self.layers} layers ({exactness})"
+        if self.dense_copies:
+            text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
+                     f"{INT4_MAX_ROWS} rows")
+        return text
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -267,7 +302,7 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         # Where 4-bit weights cannot run, auto takes the next fastest exact format.
         packing_problem = packing_blocker(device, dtype)
         if packing_problem is None:
-            shape = batch_dependent_shape(model)
+            shape = batch_dependent_shape(m for m in model.modules() if type(m) is nn.Linear)
             if shape is not None:
                 packing_problem = f"oneDNN's packed linear rounds {shape} rows differently in a batch than alone"
         if packing_problem is None:
@@ -277,34 +312,45 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         report.reason = f"{problem}, and {packing_problem}"
         return report
 
-    # Layer by layer, so that only one layer's codes exist at a time. The replaced layers
-    # are kept until the end, so that "auto" can put every one of them back.
-    replaced: list[tuple[str, nn.Module]] = []
-    errors: list[float] = []
+    names: list[str] = []
     for name, module in _candidates(model):
         reason = int4_ineligible(module)
-        if reason is not None:
+        if reason is None:
+            names.append(name)
+        else:
             report.skipped[name] = reason
-            continue
-        grid = groupwise_grid(module.weight)
-        if mode == "auto" and not grid.exact:
-            for replaced_name, original in replaced:
-                _set_module(model, replaced_name, original)
-            report.reason = (f"{name} is not on a 4-bit grid of {GROUP_SIZE} "
-                             f"(error {grid.relative_error:.1%} of a group's range)")
-            return report
-        _set_module(model, name, Int4Linear(grid, module.bias))
-        replaced.append((name, module))
-        errors.append(grid.relative_error)
-    if not replaced:
+    if not names:
         report.reason = "no linear layer fits the 4-bit kernel"
         if mode == "int4":
             raise QuantizationError(f"Cannot use int4 weights: {report.reason} ({_first_skip(report)}); "
                                     "set quantization to auto or none")
         return report
+    if mode == "auto":
+        # Every layer is checked before any is replaced, so that each float32 weight can be
+        # freed as soon as its own layer is replaced. Fitting a grid costs about 0.3 s for
+        # the 210 layers of SmolLM2-135M.
+        for name in names:
+            grid = groupwise_grid(model.get_submodule(name).weight)
+            if not grid.exact:
+                report.reason = (f"{name} is not on a 4-bit grid of {GROUP_SIZE} "
+                                 f"(error {grid.relative_error:.1%} of a group's range)")
+                return report
+        report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
+        report.dense_copies = not report.dense_copies_reason
+
+    # Layer by layer, so that only one layer's codes exist at a time.
+    errors: list[float] = []
+    for name in names:
+        module = model.get_submodule(name)
+        grid = groupwise_grid(module.weight)
+        layer = Int4Linear(grid, module.bias)
+        if report.dense_copies:
+            layer.keep_dense_copy(module.weight)
+        _set_module(model, name, layer)
+        errors.append(grid.relative_error)
 
     report.applied = "int4"
-    report.layers = len(replaced)
+    report.layers = len(names)
     report.relative_error = max(errors)
     report.exact = report.relative_error <= EXACT_TOLERANCE
     if report.skipped:
@@ -313,6 +359,16 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         logger.warning("int4 weights round the model's weights by up to %.1f%% of a group's range; "
                        "quantization auto keeps such a model dense", 100 * report.relative_error)
     return report
+
+
+def _dense_copies_blocker(modules: list[nn.Module]) -> str | None:
+    """Return why 4-bit layers should not keep a packed bfloat16 copy here, or None when they should."""
+    problem = amx_blocker()
+    if problem is None:
+        shape = batch_dependent_shape(modules, dtype=torch.bfloat16)
+        if shape is not None:
+            problem = f"oneDNN's packed linear rounds {shape} rows differently in a batch than alone in bfloat16"
+    return problem
 
 
 def _first_skip(report: QuantizationReport) -> str:

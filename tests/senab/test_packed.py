@@ -56,6 +56,30 @@ def test_packed_rows_do_not_depend_on_the_batch():
             assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), i
 
 
+def test_packed_linear_in_bfloat16():
+    if packed._self_check(torch.bfloat16) is not None:
+        pytest.skip("oneDNN cannot pack bfloat16 weights on this CPU")
+    torch.manual_seed(3)
+    linear = nn.Linear(96, 80)
+    layer = PackedLinear.from_linear(linear, torch.bfloat16)
+    assert "dtype=bfloat16" in repr(layer)
+    x = torch.randn(2, 7, 96)
+    with torch.inference_mode():
+        out = layer(x)  # float32 inputs are cast to the packed dtype
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 80)
+        torch.testing.assert_close(out.float(), linear(x), atol=0.05, rtol=0.02)
+        flat = x.reshape(14, 96)
+        batched = layer(flat)
+        assert all(torch.equal(layer(flat[i:i + 1]), batched[i:i + 1]) for i in range(14))
+        layer.to(torch.float32)  # the model's cast reaches the bias; the product still runs
+        assert torch.equal(layer(x), out)
+
+
+def test_packed_linear_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="Cannot pack weights in torch.float16: use torch.float32 or torch.bfloat16"):
+        PackedLinear(torch.zeros(16, 16), None, torch.float16)
+
+
 def test_pack_model_replaces_every_linear():
     model, _ = make_tiny_llama(seed=0)
     count = sum(type(m) is nn.Linear for m in model.modules())
@@ -92,7 +116,7 @@ def test_only_auto_packs(mode):
 
 @pytest.mark.parametrize("device, dtype, expected", [
     ("meta", torch.float32, "the model runs on meta"),
-    ("cpu", torch.bfloat16, "only float32 is packed"),
+    ("cpu", torch.bfloat16, "only float32 models are packed"),
 ])
 def test_packing_blocker_says_why(device, dtype, expected):
     reason = packing_blocker(torch.device(device), dtype)
@@ -101,7 +125,7 @@ def test_packing_blocker_says_why(device, dtype, expected):
 
 
 def test_failed_self_check_keeps_dense_weights(monkeypatch):
-    monkeypatch.setattr(packed, "_self_check", lambda: "oneDNN's packed linear does not match F.linear")
+    monkeypatch.setattr(packed, "_self_check", lambda dtype: "oneDNN's packed linear does not match F.linear")
     model, _ = make_tiny_llama(seed=0)
     report = quantize_model(model, "auto", torch.float32)
     assert report.applied == "none"
@@ -169,9 +193,10 @@ def test_in_memory_load_reads_only_the_model_files(tmp_path):
 
 def test_batch_dependent_shape_keeps_dense_weights(monkeypatch):
     model, _ = make_tiny_llama(seed=0)
-    assert packed.batch_dependent_shape(model) is None  # this machine's oneDNN is row-invariant
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert packed.batch_dependent_shape(linears) is None  # this machine's oneDNN is row-invariant
 
-    monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda model: "128 x 64")
+    monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda modules, **options: "128 x 64")
     report = quantize_model(model, "auto", torch.float32)
     assert report.applied == "none"
     assert "rounds 128 x 64 rows differently" in report.reason

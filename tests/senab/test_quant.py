@@ -8,15 +8,33 @@ import torch
 from torch import nn
 
 from senab.bridge import attach_bridge, new_checkpoint
-from senab.generation import GenerationRequest, Generator, SamplingParams
+from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
 from senab.models import ModelError, load_model
 from senab.prompt import build_prompt
+import senab.packed as packed
+import senab.quant as quant
 from senab.quant import (
-    EXACT_TOLERANCE, GROUP_SIZE, Int4Linear, QuantizationError, groupwise_grid, int4_blocker, quantize_model,
+    EXACT_TOLERANCE, GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, QuantizationError, groupwise_grid, int4_blocker,
+    quantize_model,
 )
 from tests.helpers import make_tiny_llama, randomize_write_out, save_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
+# bfloat16 weights pack for oneDNN only where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT.
+needs_bf16_packing = pytest.mark.skipif(packed._self_check(torch.bfloat16) is not None,
+                                        reason="oneDNN cannot pack bfloat16 weights on this CPU")
+
+
+@pytest.fixture(params=["int4 only", "dense copies"])
+def dense_copies(request, monkeypatch) -> bool:
+    """Run a test with and without the packed bfloat16 copies, whatever this CPU's AMX."""
+    if request.param == "int4 only":
+        monkeypatch.setattr(quant, "amx_blocker", lambda: "switched off by the test")
+        return False
+    if packed._self_check(torch.bfloat16) is not None:
+        pytest.skip("oneDNN cannot pack bfloat16 weights on this CPU")
+    monkeypatch.setattr(quant, "amx_blocker", lambda: None)
+    return True
 
 
 def q4_1_weight(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +125,7 @@ def test_auto_keeps_dense_weights_and_says_why():
     report = quantize_model(model, "auto", torch.float16)
     assert report.applied == "none"
     assert "float16" in report.reason
-    assert "only float32 is packed" in report.reason  # auto's second choice, and why not
+    assert "only float32 models are packed" in report.reason  # auto's second choice, and why not
 
 
 def test_int4_mode_quantizes_dense_weights_lossily():
@@ -140,10 +158,12 @@ def test_layers_the_kernel_cannot_run_stay_dense():
         quantize_model(nn.Sequential(nn.Linear(40, 64)), "int4", torch.bfloat16)
 
 
-def test_bridged_int4_batch_invariance():
+def test_bridged_int4_batch_invariance(dense_copies):
     model, tokenizer = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
-    assert quantize_model(model, "auto", torch.bfloat16).applied == "int4"
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "int4"
+    assert report.dense_copies == dense_copies
     model.to(torch.bfloat16)
     checkpoint = new_checkpoint(model.config)
     randomize_write_out(checkpoint.bridge)
@@ -151,24 +171,132 @@ def test_bridged_int4_batch_invariance():
     prompts = ["Hello there", "Tell me a long story about the sea", "Hi"]
     ids = [build_prompt(tokenizer, [("user", text)]).ids for text in prompts]
     bare = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                           do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)[0, len(p):]
-            for p in ids]
+                           do_sample=False, max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                           output_logits=True, return_dict_in_generate=True) for p in ids]
 
     handle = attach_bridge(model, checkpoint.bridge)
     generator = Generator(model, tokenizer, handle)
     sessions = [np.random.default_rng(i).normal(size=32).astype(np.float32) for i in range(3)]
     requests = [GenerationRequest(p, GREEDY, session=s) for p, s in zip(ids, sessions)]
-    alone = [generator.generate([r])[0].token_ids for r in requests]
-    together = [row.token_ids for row in generator.generate(requests)]
-    assert together == alone
+    if dense_copies:
+        # The copies round a prompt's long rows and a large batch's rows their own way, and
+        # bfloat16 attention rounds with the padding, so only rounding may differ.
+        alone = [greedy_logits(generator, [r])[0] for r in requests]
+        for row, reference in zip(greedy_logits(generator, requests), alone):
+            assert_same_but_rounding(row, reference)
+    else:
+        alone = [generator.generate([r])[0].token_ids for r in requests]
+        together = [row.token_ids for row in generator.generate(requests)]
+        assert together == alone
 
     # With the bridge switched off per row, each row is the base model's own greedy output.
-    off = generator.generate([GenerationRequest(p, GREEDY) for p in ids])
+    off_requests = [GenerationRequest(p, GREEDY) for p in ids]
+    off = generator.generate(off_requests)
     eos = tokenizer.eos_token_id
-    for row, reference in zip(off, bare):
-        assert row.token_ids == [t for t in reference.tolist() if t != eos][:len(row.token_ids)]
+    if dense_copies:
+        for row, reference in zip(greedy_logits(generator, off_requests), bare):
+            assert_same_but_rounding(row, [step[0].float() for step in reference.logits][:len(row)])
+    else:
+        for row, reference, p in zip(off, bare, ids):
+            tokens = reference.sequences[0, len(p):].tolist()
+            assert row.token_ids == [t for t in tokens if t != eos][:len(row.token_ids)]
     assert [r.token_ids for r in base.generate([GenerationRequest(p, GREEDY) for p in ids])] == \
            [r.token_ids for r in off]
+
+
+def int4_layer(rows: int = 128, columns: int = 96, seed: int = 5) -> tuple[Int4Linear, nn.Linear]:
+    weight, _ = q4_1_weight(rows, columns, seed=seed)
+    linear = nn.Linear(columns, rows)
+    linear.weight.data.copy_(weight)
+    return Int4Linear.from_linear(linear).to(torch.bfloat16), linear
+
+
+@needs_bf16_packing
+def test_dense_copy_serves_prompts_and_large_batches():
+    layer, linear = int4_layer()
+    kernel_only = Int4Linear.from_linear(linear).to(torch.bfloat16)
+    layer.keep_dense_copy(linear.weight)
+    assert "dense copy in bfloat16" in repr(layer)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        few = torch.randn(INT4_MAX_ROWS, 1, 96, dtype=torch.bfloat16)  # one decode step
+        assert torch.equal(layer(few), kernel_only(few))
+        many = torch.randn(INT4_MAX_ROWS + 1, 1, 96, dtype=torch.bfloat16)
+        prompt = torch.randn(1, 5, 96, dtype=torch.bfloat16)
+        for x in (many, prompt):
+            out = layer(x)
+            assert out.dtype == torch.bfloat16 and out.shape == (*x.shape[:-1], 128)
+            assert torch.equal(out, layer.dense(x))
+            assert not torch.equal(out, kernel_only(x))  # the copy really serves, in its own rounding
+            torch.testing.assert_close(out.float(), linear(x.float()), atol=0.05, rtol=0.02)
+        # A prompt's rows come out the same whatever is prefilled with it.
+        batch = torch.cat([prompt, torch.randn(3, 5, 96, dtype=torch.bfloat16)])
+        assert torch.equal(layer(batch)[:1], layer(prompt))
+
+
+def test_auto_keeps_dense_copies_only_where_they_pay(dense_copies):
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert report.applied == "int4" and len(layers) == report.layers
+    assert all((m.dense is not None) == dense_copies for m in layers)
+    assert ("bfloat16 copies packed" in report.describe()) == dense_copies
+    assert (report.dense_copies_reason == "switched off by the test") != dense_copies
+
+
+def test_int4_mode_keeps_no_dense_copies(monkeypatch):
+    monkeypatch.setattr(quant, "amx_blocker", lambda: None)
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    report = quantize_model(model, "int4", torch.bfloat16)
+    assert report.applied == "int4" and not report.dense_copies
+    assert all(m.dense is None for m in model.modules() if isinstance(m, Int4Linear))
+
+
+def test_no_amx_no_dense_copies(monkeypatch):
+    monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "int4" and not report.dense_copies
+    assert "no AMX tiles" in report.dense_copies_reason
+
+
+def test_batch_dependent_bfloat16_packing_keeps_no_dense_copies(monkeypatch):
+    monkeypatch.setattr(quant, "amx_blocker", lambda: None)
+    monkeypatch.setattr(quant, "batch_dependent_shape", lambda modules, **options: "64 x 64")
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "int4" and not report.dense_copies
+    assert "rounds 64 x 64 rows differently" in report.dense_copies_reason
+
+
+ROUNDING = 0.02  # logits of the tiny bfloat16 model that differ by less differ by rounding
+
+
+def greedy_logits(generator: Generator, requests: list[GenerationRequest]) -> list[list[torch.Tensor]]:
+    """Decode `requests` as one batch; return each row's logits (V,) at every step."""
+    batch = DecodeBatch(generator)
+    batch.add(requests, list(range(len(requests))))
+    logits: list[list[torch.Tensor]] = [[] for _ in requests]
+    while batch.rows:
+        for row, row_logits in zip(batch.rows, batch.logits):
+            logits[row.index].append(row_logits.float())
+        batch.step()
+    return logits
+
+
+def assert_same_but_rounding(row: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
+    """Check that `row` follows `reference` until their best tokens nearly tie, within rounding."""
+    for step, (got, expected) in enumerate(zip(row, reference)):
+        assert (got - expected).abs().max() <= ROUNDING, step
+        if got.argmax() != expected.argmax():
+            best = expected.topk(2).values
+            assert best[0] - best[1] <= 2 * ROUNDING, f"step {step} picked another token by more than rounding"
+            return
+    assert len(row) == len(reference)
 
 
 @pytest.fixture(scope="module")

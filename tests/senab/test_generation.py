@@ -109,6 +109,21 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert a.token_ids != c.token_ids
 
 
+def test_mixed_sampling_rows_decode_as_alone(tiny):
+    """Greedy rows take a batched argmax; rows with penalties or sampling pick their own tokens."""
+    model, tokenizer = tiny
+    generator = Generator(model, tokenizer)
+    params = [SamplingParams(max_tokens=12, temperature=0),
+              SamplingParams(max_tokens=12, temperature=0, frequency_penalty=2.0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=7),
+              SamplingParams(max_tokens=12, temperature=0, presence_penalty=-2.0)]
+    requests = [GenerationRequest(prompt(tokenizer, text), p)
+                for text, p in zip(["Hello", "Hello", "Tell me", "Hi there"], params)]
+    alone = [generator.generate([r])[0].token_ids for r in requests]
+    assert [row.token_ids for row in generator.generate(requests)] == alone
+    assert alone[0] != alone[1]  # the penalty changed that row's tokens, so it was applied per row
+
+
 def test_top_k_one_equals_greedy(tiny):
     model, tokenizer = tiny
     generator = Generator(model, tokenizer)

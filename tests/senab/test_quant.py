@@ -212,7 +212,7 @@ def int4_layer(rows: int = 128, columns: int = 96, seed: int = 5) -> tuple[Int4L
 
 
 @needs_bf16_packing
-def test_dense_copy_serves_prompts_and_large_batches():
+def test_dense_copy_serves_large_calls():
     layer, linear = int4_layer()
     kernel_only = Int4Linear.from_linear(linear).to(torch.bfloat16)
     layer.keep_dense_copy(linear.weight)
@@ -234,7 +234,7 @@ def test_dense_copy_serves_prompts_and_large_batches():
         assert torch.equal(layer(batch)[:1], layer(prompt))
 
 
-def test_auto_keeps_dense_copies_only_where_they_pay(dense_copies):
+def test_auto_dense_copies_where_they_pay(dense_copies):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.bfloat16)
@@ -263,7 +263,7 @@ def test_no_amx_no_dense_copies(monkeypatch):
     assert "no AMX tiles" in report.dense_copies_reason
 
 
-def test_batch_dependent_bfloat16_packing_keeps_no_dense_copies(monkeypatch):
+def test_row_dependent_copies_are_dropped(monkeypatch):
     monkeypatch.setattr(quant, "amx_blocker", lambda: None)
     monkeypatch.setattr(quant, "batch_dependent_shape", lambda modules, **options: "64 x 64")
     model, _ = make_tiny_llama(seed=0)

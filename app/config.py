@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     quantization: Literal["auto", "none", "int4"] = Field(
         "auto", description="Weights of the linear layers: int4 runs them as 4-bit groups of 32 on a CPU in "
                             "bfloat16; auto does so only there and only where that is exact (the default "
-                            "model's Q4_1 source), and on a CPU in float32 packs the dense weights for "
-                            "oneDNN; none keeps plain dense weights.")
+                            "model's Q4_1 source), adding bfloat16 copies packed for oneDNN for prompts "
+                            "and large batches where the CPU has AMX, and on a CPU in float32 packs the "
+                            "dense weights for oneDNN; none keeps plain dense weights.")
     home: str | None = Field(None, description="Directory for pulled models and bridge checkpoints "
                                                "(default ~/.cache/senab).")
     bridge: str | None = Field(None, description="Bridge checkpoint directory; unset uses the default "

@@ -155,7 +155,9 @@ class Int4Linear(nn.Module):
 
     `dense`, when set, is a packed bfloat16 copy of the weight. It serves every call with
     more than one position per sequence (prompts) and every call of more than
-    `INT4_MAX_ROWS` rows, so a prompt takes the same path whatever else is prefilled with it.
+    `INT4_MAX_ROWS` rows, so a prompt takes the same method whatever else is prefilled with
+    it (the copy's rounding can still change with the rows in the call). Outputs come in the
+    dtype of `scales_and_zeros` on both paths.
     """
 
     dense: PackedLinear | None
@@ -181,7 +183,8 @@ class Int4Linear(nn.Module):
             flat = flat.to(scales.dtype)
         positions = x.shape[-2] if x.dim() >= 3 else 1
         if self.dense is not None and (positions > 1 or flat.shape[0] > INT4_MAX_ROWS):
-            return self.dense(x)
+            # In the dtype the 4-bit path returns, so that a model cast to float32 still runs.
+            return self.dense(x).to(scales.dtype)
         block = packed_block() if positions >= UNPACK_POSITIONS else None
         if block is not None and self.out_features % block == 0:
             out = nn.functional.linear(flat, self.unpack(block))

@@ -234,6 +234,22 @@ def test_dense_copy_serves_large_calls():
         assert torch.equal(layer(batch)[:1], layer(prompt))
 
 
+def test_dense_copy_keeps_the_model_dtype(dense_copies):
+    model, tokenizer = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    quantize_model(model, "auto", torch.bfloat16)
+    model.to(torch.float32)  # a float32 model runs both paths in float32
+    layer = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    with torch.inference_mode():
+        for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1):
+            assert layer(torch.randn(rows, layer.in_features)).dtype == torch.float32, rows
+        ids = build_prompt(tokenizer, [("user", "Hello there")]).ids
+        rows = INT4_MAX_ROWS + 1
+        logits = model(torch.tensor([ids] * rows)).logits
+    assert logits.dtype == torch.float32
+    assert logits.shape[0] == rows
+
+
 def test_auto_dense_copies_where_they_pay(dense_copies):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)

@@ -33,7 +33,7 @@ of rows: on a 2-core Xeon with AMX the 210 layers took 12.4 ms for 1 row and for
 layer, and a layer runs the 4-bit kernel for decode steps of up to `INT4_MAX_ROWS` rows and
 the copy for larger steps and for prompts. The two round differently, so in this mode a
 row's logits can change in the last bits when the batch crosses that size. The copy also
-rounds a row differently in calls of more than 32 rows (576 inputs, on that machine), which
+rounds a row differently in calls of more than about 32 rows (on that machine), which
 a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
 """
 

@@ -240,13 +240,15 @@ class Engine:
             except Exception as exc:
                 self._fail(batch, jobs, exc)
                 outputs = []
-            _emit_all([(jobs[output.index], output) for output in outputs])
+            delivered: list[tuple[Job, RowOutput]] = []
             for output in outputs:
                 job = jobs[output.index]
+                delivered.append((job, output))
                 if output.finish_reason is not None:
                     del jobs[output.index]
                     logger.debug("request %s finished (%s) after %d tokens", job.request_id,
                                  output.finish_reason, output.completion_tokens)
+            _emit_all(delivered)
             try:
                 batch.forward()
             except Exception as exc:

@@ -485,7 +485,7 @@ class DecodeBatch:
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
-    """True when `sample_next_token` would return the argmax of the raw logits."""
+    """Return True when `sample_next_token` would return the argmax of the raw logits."""
     return params.greedy and not (params.presence_penalty or params.frequency_penalty)
 
 

@@ -22,8 +22,8 @@ Packed layers have no gradient, so only serving packs them. Training, evaluation
 `senab compare` keep the plain weights.
 
 oneDNN packs bfloat16 weights too. On a CPU with AMX tiles a bfloat16 product costs about
-the same for 1 row as for 16, which the 4-bit kernel of `senab.quant` does not: there
-4-bit layers keep a packed bfloat16 copy for batches and prompts (see `Int4Linear`).
+the same for 1 row as for 16, unlike the 4-bit kernel of `senab.quant`. So on such a CPU
+the 4-bit layers keep a packed bfloat16 copy for batches and prompts (see `Int4Linear`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if dtype not in PACKED_DTYPES:
-            raise ValueError(f"Cannot pack weights in {dtype}: use torch.float32 or torch.bfloat16")
+            raise ValueError(f"Invalid dtype {dtype} for packed weights: use torch.float32 or torch.bfloat16")
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
@@ -113,7 +113,7 @@ def _onednn_blocker() -> str | None:
     return None
 
 
-# The packed product in bfloat16 rounds its output to bfloat16, about 3 significant digits.
+# The packed product in bfloat16 rounds its output to bfloat16 (8 significant bits).
 _MATCH_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

@@ -70,7 +70,7 @@ UNPACK_POSITIONS = 512
 # Decode steps of up to this many rows run on the 4-bit kernel where a layer also has a
 # packed bfloat16 copy. On a 2-core Xeon with AMX, one step of SmolLM2-135M with the bridge
 # took (4-bit kernel / packed copy, ms) 16.9 / 29.8 for 1 row, 21.5 / 29.7 for 4, 32.7 / 31.0
-# for 8 and 50.7 / 34.9 for 16; at 6 rows the two cost about the same.
+# for 8 and 50.7 / 34.9 for 16. At 6 rows the two cost about the same.
 INT4_MAX_ROWS = 6
 # Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
 # 32 with AVX2. `packed_block` finds out which one this process uses.
@@ -179,12 +179,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = self.scales_and_zeros
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != scales.dtype:
-            flat = flat.to(scales.dtype)
         positions = x.shape[-2] if x.dim() >= 3 else 1
         if self.dense is not None and (positions > 1 or flat.shape[0] > INT4_MAX_ROWS):
             # In the dtype the 4-bit path returns, so that a model cast to float32 still runs.
             return self.dense(x).to(scales.dtype)
+        if flat.dtype != scales.dtype:
+            flat = flat.to(scales.dtype)
         block = packed_block() if positions >= UNPACK_POSITIONS else None
         if block is not None and self.out_features % block == 0:
             out = nn.functional.linear(flat, self.unpack(block))

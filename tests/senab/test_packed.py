@@ -66,7 +66,8 @@ def test_packed_linear_in_bfloat16():
     x = torch.randn(2, 7, 96)
     with torch.inference_mode():
         out = layer(x)  # float32 inputs are cast to the packed dtype
-        assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 80)
+        assert out.dtype == torch.bfloat16
+        assert out.shape == (2, 7, 80)
         torch.testing.assert_close(out.float(), linear(x), atol=0.05, rtol=0.02)
         flat = x.reshape(14, 96)
         batched = layer(flat)
@@ -76,7 +77,7 @@ def test_packed_linear_in_bfloat16():
 
 
 def test_packed_linear_rejects_other_dtypes():
-    with pytest.raises(ValueError, match="Cannot pack weights in torch.float16: use torch.float32 or torch.bfloat16"):
+    with pytest.raises(ValueError, match="Invalid dtype torch.float16 for packed weights: use torch.float32"):
         PackedLinear(torch.zeros(16, 16), None, torch.float16)
 
 

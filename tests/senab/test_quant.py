@@ -225,7 +225,8 @@ def test_dense_copy_serves_large_calls():
         prompt = torch.randn(1, 5, 96, dtype=torch.bfloat16)
         for x in (many, prompt):
             out = layer(x)
-            assert out.dtype == torch.bfloat16 and out.shape == (*x.shape[:-1], 128)
+            assert out.dtype == torch.bfloat16
+            assert out.shape == (*x.shape[:-1], 128)
             assert torch.equal(out, layer.dense(x))
             assert not torch.equal(out, kernel_only(x))  # the copy really serves, in its own rounding
             torch.testing.assert_close(out.float(), linear(x.float()), atol=0.05, rtol=0.02)
@@ -255,7 +256,8 @@ def test_auto_dense_copies_where_they_pay(dense_copies):
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    assert report.applied == "int4" and len(layers) == report.layers
+    assert report.applied == "int4"
+    assert len(layers) == report.layers
     assert all((m.dense is not None) == dense_copies for m in layers)
     assert ("bfloat16 copies packed" in report.describe()) == dense_copies
     assert (report.dense_copies_reason == "switched off by the test") != dense_copies
@@ -266,7 +268,8 @@ def test_int4_mode_keeps_no_dense_copies(monkeypatch):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
     report = quantize_model(model, "int4", torch.bfloat16)
-    assert report.applied == "int4" and not report.dense_copies
+    assert report.applied == "int4"
+    assert not report.dense_copies
     assert all(m.dense is None for m in model.modules() if isinstance(m, Int4Linear))
 
 
@@ -275,7 +278,8 @@ def test_no_amx_no_dense_copies(monkeypatch):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.bfloat16)
-    assert report.applied == "int4" and not report.dense_copies
+    assert report.applied == "int4"
+    assert not report.dense_copies
     assert "no AMX tiles" in report.dense_copies_reason
 
 
@@ -285,7 +289,8 @@ def test_row_dependent_copies_are_dropped(monkeypatch):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.bfloat16)
-    assert report.applied == "int4" and not report.dense_copies
+    assert report.applied == "int4"
+    assert not report.dense_copies
     assert "rounds 64 x 64 rows differently" in report.dense_copies_reason
 
 

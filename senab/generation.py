@@ -442,10 +442,11 @@ class DecodeBatch:
         outputs: list[RowOutput] = []
         next_tokens: list[int] = []
         keep: list[int] = []
-        # Greedy rows without penalties take the argmax, found for all rows in one call: per
-        # row it cost about 0.09 ms on a 49K vocabulary, 1.4 ms of a 16-row step.
+        # Greedy rows without penalties take the argmax, found for all rows in one call. For
+        # 16 rows of a 49K vocabulary that took 0.86 ms against 1.9 ms row by row. In float32,
+        # because argmax over bfloat16 took 2.3x as long.
         plain = [_plain_greedy(row.params) for row in self.rows]
-        argmax = self.logits.argmax(-1).tolist() if any(plain) else None
+        argmax = self.logits.float().argmax(-1).tolist() if any(plain) else None
         for position, row in enumerate(self.rows):
             token = argmax[position] if plain[position] else None
             output = g._advance(row, self.logits[position], should_cancel, token)

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from senab.bridge import BridgeHandle, BridgeState
+from senab.fastdecode import LlamaDecodeStep
 from senab.kvcache import new_kv_cache
 from senab.quant import UNPACK_POSITIONS as LONG_PROMPT
 
@@ -202,8 +203,11 @@ class Generator:
     """Decodes batches on one model, with the bridge when a handle is given."""
 
     def __init__(self, model, tokenizer, handle: BridgeHandle | None = None,
-                 eos_token_ids: set[int] | None = None) -> None:
+                 eos_token_ids: set[int] | None = None, fast_decode: bool = True) -> None:
         self.model = model
+        # Decode steps skip transformers' per-layer plumbing where the model is plain Llama
+        # (same logits to the bit); `fast_decode=False` keeps the model's forward call.
+        self.decode_step = LlamaDecodeStep.for_model(model) if fast_decode else None
         self.tokenizer = tokenizer
         self.handle = handle
         self.device = next(model.parameters()).device
@@ -309,6 +313,8 @@ class Generator:
             bridge_state.valid = valid
         context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
         with context:
+            if self.decode_step is not None and input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
+                return self.decode_step(input_ids, attention_mask, position_ids, cache)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, V)

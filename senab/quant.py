@@ -17,7 +17,7 @@ Modes: "none" keeps the dense weights. "int4" quantizes every eligible layer, ex
 for weights not already on a 4-bit grid this loses accuracy, as any 4-bit quantization
 does. "auto" quantizes only when the model runs on a CPU in bfloat16 and every eligible
 layer is exact, so it never changes what the model computes beyond rounding. The output
-layer (the token embeddings in tied models, 8-bit in the Q4_1 file) stays dense. Where
+layer (the token embeddings in tied models, 8-bit in the Q4_1 file) keeps its values. Where
 4-bit weights cannot run and the model runs on a CPU in float32, "auto" packs the dense
 weights for oneDNN instead (`senab.packed`).
 
@@ -35,12 +35,16 @@ the copy for larger steps and for prompts. The two round differently, so in this
 row's logits can change in the last bits when the batch crosses that size. The copy also
 rounds a row differently in calls of more than about 32 rows (on that machine), which
 a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
+In this mode the output layer is packed in bfloat16 too (`PackedOutputLayer`): for one
+row its 49K x 576 product took 1.9 ms against 3.7 ms for `F.linear` on the plain bfloat16
+weight, a tenth of a decode step.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,7 +184,7 @@ class Int4Linear(nn.Module):
         scales = self.scales_and_zeros
         flat = x.reshape(-1, self.in_features)
         positions = x.shape[-2] if x.dim() >= 3 else 1
-        if self.dense is not None and (positions > 1 or flat.shape[0] > INT4_MAX_ROWS):
+        if self.copy_serves(flat.shape[0], positions):
             # In the dtype the 4-bit path returns, so that a model cast to float32 still runs.
             return self.dense(x).to(scales.dtype)
         if flat.dtype != scales.dtype:
@@ -193,6 +197,40 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def copy_serves(self, rows: int, positions: int) -> bool:
+        """Whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
+        return self.dense is not None and (positions > 1 or rows > INT4_MAX_ROWS)
+
+    @classmethod
+    def concatenate(cls, layers: Sequence[Int4Linear]) -> Int4Linear | None:
+        """Return one layer whose output is the outputs of `layers` side by side, or None.
+
+        The kernel's layout tiles the codes in blocks of output rows (`packed_block`), so
+        layers whose output sizes are whole blocks concatenate block by block, and each output
+        is computed as its own layer computes it. One product instead of three saved 0.06 ms
+        per layer for the q, k and v projections of SmolLM2-135M (2-core Xeon, one row). The
+        result has no dense copy: use it for the calls the 4-bit kernel serves. None where the
+        layers differ in input size, dtype or bias, or an output size is not whole blocks.
+        """
+        block = packed_block()
+        first = layers[0]
+        dtype = first.scales_and_zeros.dtype
+        if block is None or any(
+                layer.in_features != first.in_features or layer.out_features % block
+                or layer.scales_and_zeros.dtype != dtype or (layer.bias is None) != (first.bias is None)
+                for layer in layers):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.dense = None
+        fused.in_features = first.in_features
+        fused.out_features = sum(layer.out_features for layer in layers)
+        fused.register_buffer("packed", torch.cat([layer.packed for layer in layers]))
+        fused.register_buffer("scales_and_zeros", torch.cat([layer.scales_and_zeros for layer in layers], 1))
+        fused.bias = None if first.bias is None else nn.Parameter(
+            torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+        return fused
 
     def unpack(self, block: int) -> torch.Tensor:
         """Return the (N, K) weight in the scales' dtype, unpacked from the codes with tensor ops.
@@ -238,6 +276,7 @@ class QuantizationReport:
     relative_error: float = 0.0  # largest over the quantized layers
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
     dense_copies: bool = False  # int4 layers keep a packed bfloat16 copy for batches and prompts
+    packed_output: bool = False  # the output layer runs packed in bfloat16 (with the copies)
     dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
 
     def describe(self) -> str:
@@ -250,6 +289,8 @@ class QuantizationReport:
         if self.dense_copies:
             text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
                      f"{INT4_MAX_ROWS} rows")
+        if self.packed_output:
+            text += "; output layer packed in bfloat16"
         return text
 
 
@@ -258,6 +299,33 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not output]
+
+
+def _output_layer(model: nn.Module) -> nn.Linear | None:
+    """Return the model's output layer when it is a plain CPU nn.Linear that can be packed."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(output) is not nn.Linear or output.weight.device.type != "cpu" or \
+            not hasattr(model, "set_output_embeddings"):
+        return None
+    return output
+
+
+class PackedOutputLayer(nn.Module):
+    """The output layer, packed in bfloat16 for oneDNN, returning logits in the model's dtype.
+
+    The packed copy is separate from the token embeddings even when the model ties them,
+    so it costs one more copy of that matrix (57 MB for SmolLM2-135M). `like` is an empty
+    buffer that follows `.to(dtype)`, so a model cast to float32 still gets float32 logits.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.packed = PackedLinear(linear.weight, linear.bias, torch.bfloat16)
+        self.register_buffer("like", torch.empty(0, dtype=linear.weight.dtype), persistent=False)
+        self.in_features, self.out_features = self.packed.in_features, self.packed.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x).to(self.like.dtype)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -338,7 +406,9 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
                 report.reason = (f"{name} is not on a 4-bit grid of {GROUP_SIZE} "
                                  f"(error {grid.relative_error:.1%} of a group's range)")
                 return report
-        report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
+        output = _output_layer(model)
+        checked = [model.get_submodule(name) for name in names] + ([output] if output is not None else [])
+        report.dense_copies_reason = _dense_copies_blocker(checked) or ""
         report.dense_copies = not report.dense_copies_reason
 
     # Layer by layer, so that only one layer's codes exist at a time.
@@ -351,6 +421,11 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
             layer.keep_dense_copy(module.weight)
         _set_module(model, name, layer)
         errors.append(grid.relative_error)
+
+    output = _output_layer(model)
+    if report.dense_copies and output is not None:
+        model.set_output_embeddings(PackedOutputLayer(output))
+        report.packed_output = True
 
     report.applied = "int4"
     report.layers = len(names)

@@ -14,7 +14,8 @@ from senab.prompt import build_prompt
 import senab.packed as packed
 import senab.quant as quant
 from senab.quant import (
-    EXACT_TOLERANCE, GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, QuantizationError, groupwise_grid, int4_blocker,
+    EXACT_TOLERANCE, GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, PackedOutputLayer, QuantizationError, groupwise_grid,
+    int4_blocker,
     quantize_model,
 )
 from tests.helpers import make_tiny_llama, randomize_write_out, save_tiny_gguf
@@ -110,7 +111,8 @@ def test_auto_quantizes_a_model_on_a_q4_grid():
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             torch.testing.assert_close(module.dequantized_weight(), dense[name], atol=1e-6, rtol=0)
-    assert isinstance(model.get_output_embeddings(), nn.Linear)  # the output layer stays dense
+    # The output layer keeps its values: plain, or packed in bfloat16 beside AMX copies.
+    assert isinstance(model.get_output_embeddings(), PackedOutputLayer if report.dense_copies else nn.Linear)
 
 
 def test_auto_keeps_dense_weights_and_says_why():
@@ -254,12 +256,24 @@ def test_dense_copy_keeps_the_model_dtype(dense_copies):
 def test_auto_dense_copies_where_they_pay(dense_copies):
     model, _ = make_tiny_llama(seed=0)
     snap_to_q4_1(model)
+    output_weight = model.get_output_embeddings().weight.detach().clone()
     report = quantize_model(model, "auto", torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert report.applied == "int4"
     assert len(layers) == report.layers
     assert all((m.dense is not None) == dense_copies for m in layers)
     assert ("bfloat16 copies packed" in report.describe()) == dense_copies
+    # The output layer is packed with the copies; its logits keep the model's dtype.
+    output = model.get_output_embeddings()
+    assert isinstance(output, PackedOutputLayer) == dense_copies == report.packed_output
+    if dense_copies:
+        assert "output layer packed in bfloat16" in report.describe()
+        model.to(torch.bfloat16)
+        hidden = torch.randn(3, output.in_features, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            logits = output(hidden)
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), hidden.float() @ output_weight.t(), atol=0.05, rtol=0.02)
     assert (report.dense_copies_reason == "switched off by the test") != dense_copies
 
 
@@ -398,3 +412,30 @@ def test_long_and_short_prompts_prefill_apart(monkeypatch):
     hook.remove()
     assert [row.token_ids for row in together] == alone
     assert widths[:2] == [(1, len(short)), (1, len(long))]  # two prefills, one per length class
+
+
+def test_concatenated_layers_compute_each_output_as_alone():
+    block = quant.packed_block()
+    if block is None:
+        pytest.skip("this torch packs 4-bit codes in a layout that layers cannot be fused in")
+    layers, weights = [], []
+    for seed, rows in enumerate((2 * block, block, block)):
+        weight, _ = q4_1_weight(rows, 96, seed=seed)
+        linear = nn.Linear(96, rows)
+        linear.weight.data.copy_(weight)
+        layers.append(Int4Linear.from_linear(linear).to(torch.bfloat16))
+        weights.append(linear)
+    fused = Int4Linear.concatenate(layers)
+    assert fused.out_features == 4 * block and fused.dense is None
+    # Block by block, the packed codes are those of the concatenated weights.
+    together = nn.Linear(96, 4 * block)
+    together.weight.data.copy_(torch.cat([w.weight for w in weights]))
+    assert torch.equal(fused.packed, Int4Linear.from_linear(together).packed)
+    with torch.inference_mode():
+        for rows in (1, INT4_MAX_ROWS):
+            x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+            assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], -1))
+
+    odd, _ = int4_layer(rows=block + 16)
+    assert Int4Linear.concatenate([layers[0], odd]) is None
+    assert Int4Linear.concatenate([layers[0], layers[1].to(torch.float32)]) is None

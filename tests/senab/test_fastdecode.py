@@ -1,0 +1,146 @@
+"""The Llama decode step (senab.fastdecode) computes what the model's forward call computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import senab.packed as packed
+import senab.quant as quant
+from senab.bridge import attach_bridge, new_checkpoint
+from senab.fastdecode import LlamaDecodeStep
+from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
+from senab.prompt import build_prompt
+from senab.quant import quantize_model
+from tests.helpers import make_tiny_llama, make_tiny_tokenizer, randomize_write_out
+from tests.senab.test_quant import snap_to_q4_1
+
+PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
+
+
+def step_logits(generator: Generator, requests: list[GenerationRequest], join: GenerationRequest | None = None
+                ) -> list[torch.Tensor]:
+    """Decode `requests` greedily as one batch (`join` joins at the third step); return every step's logits."""
+    batch = DecodeBatch(generator)
+    batch.add(requests, list(range(len(requests))))
+    logits = []
+    while batch.rows:
+        logits.append(batch.logits.clone())
+        batch.step()
+        if len(logits) == 3 and join is not None:
+            batch.add([join], [len(requests)])
+    return logits
+
+
+def requests_for(tokenizer, sessions: bool, tokens: int = 12) -> list[GenerationRequest]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i, text in enumerate(PROMPTS):
+        prompt = build_prompt(tokenizer, [("user", text)])
+        # The middle row runs without its session, so the bridge is switched off for one row.
+        session = rng.normal(size=32).astype(np.float32) if sessions and i != 1 else None
+        out.append(GenerationRequest(prompt.ids, SamplingParams(max_tokens=tokens, temperature=0),
+                                     session=session, turn_start=prompt.turn_start))
+    return out
+
+
+def assert_same_steps(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> None:
+    assert len(fast) == len(slow) > 3
+    for step, (a, b) in enumerate(zip(fast, slow)):
+        assert torch.equal(a, b), f"step {step}: largest difference {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
+def test_decode_step_equals_the_forward_call(dtype, bridged):
+    model, tokenizer = make_tiny_llama(seed=0)
+    model.to(dtype)
+    handle = None
+    if bridged:
+        checkpoint = new_checkpoint(model.config)
+        randomize_write_out(checkpoint.bridge)
+        handle = attach_bridge(model, checkpoint.bridge)
+    fast = Generator(model, tokenizer, handle, eos_token_ids=set())
+    slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
+    assert fast.decode_step is not None and slow.decode_step is None
+    requests = requests_for(tokenizer, sessions=bridged)
+    # One row alone (no padding mask), then a left-padded batch that a row joins mid-way.
+    assert_same_steps(step_logits(fast, requests[1:2]), step_logits(slow, requests[1:2]))
+    assert_same_steps(step_logits(fast, requests[:2], join=requests[2]),
+                      step_logits(slow, requests[:2], join=requests[2]))
+    if bridged:
+        # The readouts, which the server commits to the session, agree too.
+        a, b = fast.generate(requests), slow.generate(requests)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        for x, y in zip(a, b):
+            assert (x.readout is None) == (y.readout is None)
+            if x.readout is not None:
+                assert np.array_equal(x.readout, y.readout)
+
+
+def wide_tiny_llama() -> tuple[LlamaForCausalLM, object]:
+    """A tiny Llama whose K/V width (64) is a whole block of the 4-bit layout, so q, k and v fuse."""
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("copies", [False, True], ids=["int4 only", "dense copies"])
+@pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
+def test_decode_step_with_int4_weights(copies, bridged, monkeypatch):
+    if copies and packed._self_check(torch.bfloat16) is not None:
+        pytest.skip("oneDNN cannot pack bfloat16 weights on this CPU")
+    if quant.packed_block() is None:
+        pytest.skip("this torch packs 4-bit codes in a layout that layers cannot be fused in")
+    monkeypatch.setattr(quant, "amx_blocker", (lambda: None) if copies else (lambda: "switched off by the test"))
+    model, tokenizer = wide_tiny_llama()
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.applied == "int4" and report.dense_copies == copies
+    model.to(torch.bfloat16)
+    handle = None
+    if bridged:
+        checkpoint = new_checkpoint(model.config)
+        randomize_write_out(checkpoint.bridge)
+        handle = attach_bridge(model, checkpoint.bridge)
+    fast = Generator(model, tokenizer, handle, eos_token_ids=set())
+    slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
+    requests = requests_for(tokenizer, sessions=bridged)
+    # Batches on both sides of INT4_MAX_ROWS, where layers with copies leave the 4-bit kernel.
+    large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]
+    for batch, join in ((requests[:2], requests[2]), (large, None)):
+        assert_same_steps(step_logits(fast, batch, join=join), step_logits(slow, batch, join=join))
+    fused = {key for key, (_, layer) in fast.decode_step._fusions.items() if layer is not None}
+    # The bridge wraps k_proj and v_proj of its layers, which then keep their own products,
+    # and its read-in hook sends its first layer through that layer's own forward call.
+    first = handle.bridge.config.first_layer if bridged else 6
+    assert fused == {(i, "gate_up") for i in range(6) if i != first} | {(i, "qkv") for i in range(first)}
+
+
+def test_other_models_keep_the_forward_call():
+    model, _ = make_tiny_llama(seed=0)
+    assert LlamaDecodeStep.for_model(model) is not None
+
+    model.config._attn_implementation = "eager"
+    assert LlamaDecodeStep.for_model(model) is None
+    model.config._attn_implementation = "sdpa"
+
+    class Patched(type(model.model.layers[0].mlp)):
+        pass
+
+    model.model.layers[0].mlp.__class__ = Patched
+    assert LlamaDecodeStep.for_model(model) is None
+    assert LlamaDecodeStep.for_model(torch.nn.Linear(2, 2)) is None
+
+
+def test_decode_step_takes_one_position():
+    model, tokenizer = make_tiny_llama(seed=0)
+    step = LlamaDecodeStep.for_model(model)
+    with pytest.raises(ValueError, match="one position per row, got 2"):
+        step(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+             torch.zeros(1, 2, dtype=torch.long), None)

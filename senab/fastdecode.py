@@ -1,20 +1,23 @@
 """A decode step for Llama models that skips transformers' per-layer machinery.
 
-A decode step of SmolLM2-135M on a CPU does little arithmetic: with 4-bit weights its
-products took about 8 ms of a 34 ms step (2-core Xeon with AMX, torch 2.13). Much of the
-rest is Python around them: transformers' decorators, keyword plumbing, attention
+A decode step of SmolLM2-135M on a CPU does little arithmetic. On a 2-core Xeon with AMX
+(torch 2.13) the 4-bit products took 6 ms of a 31 ms step and the output layer 5 ms. Much
+of the rest is Python around them: transformers' decorators, keyword plumbing, attention
 dispatch and output dataclasses, for each of 30 layers. `LlamaDecodeStep` runs the same
-operations in the same order on the same modules, for one new position per row, with
-none of that plumbing: a step took 27 ms where `model(...)` took 34 (same run).
+operations in the same order on the same modules, for one new position per row, without
+that plumbing. It also runs the q, k and v projections, and the gate and up projections,
+as one 4-bit product each where the layers allow it (`Int4Linear.concatenate`). Measured
+step by step in one run, one row took 26.2 ms against 31.5 ms for `model(...)`, 16 rows
+73.9 against 77.6 ms.
 
 It computes exactly what the model's own forward call computes, to the bit: the tests
-compare the logits of both for single rows, left-padded batches and the bridge. Hooks are
-honoured where they sit: a decoder layer with forward hooks (the bridge's read-in is one)
+compare the logits of both for single rows, left-padded batches, 4-bit weights and the
+bridge. Hooks still run: a decoder layer with forward hooks (the bridge's read-in is one)
 runs through its own `forward`, and projections are called as modules, so the bridge's
 wrapped k/v projections add their deltas as usual.
 
-`LlamaDecodeStep.for_model` returns None for any model it does not reproduce exactly
-(another family, another attention implementation, subclassed modules); the caller then
+`LlamaDecodeStep.for_model` returns None for a model it does not reproduce exactly, such as
+another family, another attention implementation or subclassed modules. The caller then
 uses the model's forward call.
 """
 
@@ -71,7 +74,8 @@ class LlamaDecodeStep:
         positions and the new one, 0 for left padding.
         """
         if input_ids.shape[1] != 1:
-            raise ValueError(f"a decode step takes one position per row, got {input_ids.shape[1]}")
+            raise ValueError(f"Invalid input_ids of {input_ids.shape[1]} positions per row: a decode step takes one, "
+                             "so run prompts through the model's forward call")
         hidden = self.inner.embed_tokens(input_ids)
         mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)

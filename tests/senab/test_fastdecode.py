@@ -54,7 +54,7 @@ def assert_same_steps(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
-def test_decode_step_equals_the_forward_call(dtype, bridged):
+def test_step_equals_forward_call(dtype, bridged):
     model, tokenizer = make_tiny_llama(seed=0)
     model.to(dtype)
     handle = None
@@ -92,7 +92,7 @@ def wide_tiny_llama() -> tuple[LlamaForCausalLM, object]:
 
 @pytest.mark.parametrize("copies", [False, True], ids=["int4 only", "dense copies"])
 @pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
-def test_decode_step_with_int4_weights(copies, bridged, monkeypatch):
+def test_step_with_int4_weights(copies, bridged, monkeypatch):
     if copies and packed._self_check(torch.bfloat16) is not None:
         pytest.skip("oneDNN cannot pack bfloat16 weights on this CPU")
     if quant.packed_block() is None:
@@ -101,7 +101,8 @@ def test_decode_step_with_int4_weights(copies, bridged, monkeypatch):
     model, tokenizer = wide_tiny_llama()
     snap_to_q4_1(model)
     report = quantize_model(model, "auto", torch.bfloat16)
-    assert report.applied == "int4" and report.dense_copies == copies
+    assert report.applied == "int4"
+    assert report.dense_copies == copies
     model.to(torch.bfloat16)
     handle = None
     if bridged:
@@ -122,7 +123,7 @@ def test_decode_step_with_int4_weights(copies, bridged, monkeypatch):
     assert fused == {(i, "gate_up") for i in range(6) if i != first} | {(i, "qkv") for i in range(first)}
 
 
-def test_other_models_keep_the_forward_call():
+def test_other_models_keep_forward_call():
     model, _ = make_tiny_llama(seed=0)
     assert LlamaDecodeStep.for_model(model) is not None
 
@@ -138,9 +139,9 @@ def test_other_models_keep_the_forward_call():
     assert LlamaDecodeStep.for_model(torch.nn.Linear(2, 2)) is None
 
 
-def test_decode_step_takes_one_position():
+def test_step_takes_one_position():
     model, tokenizer = make_tiny_llama(seed=0)
     step = LlamaDecodeStep.for_model(model)
-    with pytest.raises(ValueError, match="one position per row, got 2"):
+    with pytest.raises(ValueError, match="Invalid input_ids of 2 positions per row"):
         step(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
              torch.zeros(1, 2, dtype=torch.long), None)

@@ -154,18 +154,23 @@ def batch_dependent_shape(modules: Iterable[nn.Linear], rows: int = 16,
     kernels by shape, dtype and what the CPU supports. The check runs on the calling
     thread's intra-op threads only.
     """
-    generator = torch.Generator().manual_seed(0)
     checked: set[tuple[int, int]] = set()
     for module in modules:
         if tuple(module.weight.shape) in checked:
             continue
         checked.add(tuple(module.weight.shape))
         layer = PackedLinear.from_linear(module, dtype)
-        inputs = torch.randn(rows, layer.in_features, generator=generator).to(dtype)
-        with torch.inference_mode():
-            if not _rounds_rows_alike(layer, inputs, layer(inputs)):
-                return f"{layer.out_features} x {layer.in_features}"
+        if not rounds_rows_alike(layer, rows):
+            return f"{layer.out_features} x {layer.in_features}"
     return None
+
+
+def rounds_rows_alike(layer: PackedLinear, rows: int = 16) -> bool:
+    """Check that `layer` rounds each of `rows` random rows alone exactly as in one call with all of them."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(rows, layer.in_features, generator=generator).to(layer.dtype)
+    with torch.inference_mode():
+        return _rounds_rows_alike(layer, inputs, layer(inputs))
 
 
 def pack_model(model: nn.Module) -> int:

@@ -51,7 +51,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from senab.packed import PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker
+from senab.packed import (
+    PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, rounds_rows_alike,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +74,12 @@ _KERNEL = "_weight_int4pack_mm_for_cpu"
 # numerics do not depend on the prompts prefilled with it.
 UNPACK_POSITIONS = 512
 # Decode steps of up to this many rows run on the 4-bit kernel where a layer also has a
-# packed bfloat16 copy. On a 2-core Xeon with AMX, one step of SmolLM2-135M with the bridge
-# took (4-bit kernel / packed copy, ms) 16.9 / 29.8 for 1 row, 21.5 / 29.7 for 4, 32.7 / 31.0
-# for 8 and 50.7 / 34.9 for 16. At 6 rows the two cost about the same.
-INT4_MAX_ROWS = 6
+# packed bfloat16 copy. On a 2-core Xeon with AMX, one step of SmolLM2-135M through
+# `senab.fastdecode` (q/k/v and gate/up fused) took (4-bit kernel / packed copy, ms, paired
+# steps in one run) 15.6 / 28.7 for 1 row, 27.4 / 41.4 for 4, 30.5 / 33.3 for 8, 37.7 / 33.9
+# for 10 and 47.6 / 37.5 for 16. Through transformers' forward call, without the fusion, the
+# two cost about the same at 6 rows.
+INT4_MAX_ROWS = 8
 # Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
 # 32 with AVX2. `packed_block` finds out which one this process uses.
 _PACK_BLOCKS = (64, 32)
@@ -406,9 +410,7 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
                 report.reason = (f"{name} is not on a 4-bit grid of {GROUP_SIZE} "
                                  f"(error {grid.relative_error:.1%} of a group's range)")
                 return report
-        output = _output_layer(model)
-        checked = [model.get_submodule(name) for name in names] + ([output] if output is not None else [])
-        report.dense_copies_reason = _dense_copies_blocker(checked) or ""
+        report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
         report.dense_copies = not report.dense_copies_reason
 
     # Layer by layer, so that only one layer's codes exist at a time.
@@ -424,8 +426,15 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
 
     output = _output_layer(model)
     if report.dense_copies and output is not None:
-        model.set_output_embeddings(PackedOutputLayer(output))
-        report.packed_output = True
+        # Packed after the decoder layers, whose float32 weights are freed by now, so that
+        # the load does not peak higher. Kept dense if its shape rounds rows by batch.
+        packed_output = PackedOutputLayer(output)
+        if rounds_rows_alike(packed_output.packed):
+            model.set_output_embeddings(packed_output)
+            report.packed_output = True
+        else:
+            logger.info("the output layer stays dense: oneDNN's packed linear rounds its %d x %d rows differently "
+                        "in a batch than alone in bfloat16", output.out_features, output.in_features)
 
     report.applied = "int4"
     report.layers = len(names)

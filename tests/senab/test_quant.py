@@ -439,3 +439,15 @@ def test_concatenated_layers_compute_each_output_as_alone():
     odd, _ = int4_layer(rows=block + 16)
     assert Int4Linear.concatenate([layers[0], odd]) is None
     assert Int4Linear.concatenate([layers[0], layers[1].to(torch.float32)]) is None
+
+
+def test_row_dependent_output_layer_stays_dense(monkeypatch):
+    monkeypatch.setattr(quant, "amx_blocker", lambda: None)
+    monkeypatch.setattr(quant, "rounds_rows_alike", lambda layer, rows=16: False)
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    report = quantize_model(model, "auto", torch.bfloat16)
+    assert report.dense_copies
+    assert not report.packed_output
+    assert type(model.get_output_embeddings()) is nn.Linear
+    assert "output layer" not in report.describe()

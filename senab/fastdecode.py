@@ -46,6 +46,10 @@ class LlamaDecodeStep:
         self.layers = list(model.model.layers[: model.config.num_hidden_layers])
         # (layer index, "qkv" or "gate_up") -> (the modules fused, their fused 4-bit layer or None)
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], Int4Linear | None]] = {}
+        for index, layer in enumerate(self.layers):
+            # Built now rather than at the first step, so that the memory is taken at start.
+            self._fused(index, "qkv", _qkv(layer.self_attn))
+            self._fused(index, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LlamaDecodeStep | None:
@@ -96,15 +100,13 @@ class LlamaDecodeStep:
         hidden = self.inner.norm(hidden)
         return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
 
-    def _fused(self, index: int, kind: str, modules: tuple[nn.Module, ...], rows: int) -> Int4Linear | None:
-        """Return the 4-bit layer that computes `modules` in one product for `rows` rows, or None.
+    def _fused(self, index: int, kind: str, modules: tuple[nn.Module, ...]) -> Int4Linear | None:
+        """Return the 4-bit layer that computes `modules` in one product, or None.
 
-        Built on first use and again whenever the modules change (attaching the bridge
-        wraps k_proj and v_proj, so its layers keep separate products).
+        Built again whenever the modules change (attaching the bridge wraps k_proj and
+        v_proj, so its layers keep separate products).
         """
         if not all(type(module) is Int4Linear for module in modules):
-            return None
-        if any(module.copy_serves(rows, 1) for module in modules):
             return None
         cached = self._fusions.get((index, kind))
         if cached is None or any(a is not b for a, b in zip(cached[0], modules)):
@@ -114,7 +116,7 @@ class LlamaDecodeStep:
 
     def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """`LlamaMLP.forward`, with the gate and up projections in one 4-bit product where it can."""
-        fused = self._fused(index, "gate_up", (mlp.gate_proj, mlp.up_proj), hidden.shape[0])
+        fused = self._fused(index, "gate_up", (mlp.gate_proj, mlp.up_proj))
         if fused is None:
             return mlp(hidden)
         gate, up = fused(hidden).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
@@ -125,8 +127,8 @@ class LlamaDecodeStep:
         """`LlamaAttention.forward` with `sdpa_attention_forward`, for one query position."""
         batch = hidden.shape[0]
         shape = (batch, 1, -1, attention.head_dim)
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        fused = self._fused(index, "qkv", projections, batch)
+        projections = _qkv(attention)
+        fused = self._fused(index, "qkv", projections)
         if fused is None:
             query, key, value = (projection(hidden) for projection in projections)
         else:
@@ -150,3 +152,7 @@ class LlamaDecodeStep:
                                              scale=attention.scaling, is_causal=False, **options)
         out = out.reshape(batch, -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
         return attention.o_proj(out.reshape(batch, 1, -1).contiguous())
+
+
+def _qkv(attention: llama.LlamaAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
+    return attention.q_proj, attention.k_proj, attention.v_proj

@@ -72,6 +72,16 @@ class PackedLinear(nn.Module):
         out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def unpacked_weight(self) -> torch.Tensor:
+        """Return the (out, in) weight in the packed dtype, read back through a product with the identity.
+
+        Each output of that product is one weight times 1 plus zeros, so it is the weight exactly.
+        """
+        identity = torch.eye(self.in_features, dtype=self.dtype)
+        with torch.inference_mode():
+            product = torch.ops.mkldnn._linear_pointwise(identity, self.packed, None, "none", [], "")
+        return product.t().contiguous()
+
     def extra_repr(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         return f"in_features={self.in_features}, out_features={self.out_features}, layout=mkldnn, dtype={dtype}"

@@ -202,3 +202,12 @@ def test_batch_dependent_shape_keeps_dense_weights(monkeypatch):
     assert report.applied == "none"
     assert "rounds 128 x 64 rows differently" in report.reason
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpacked_weight_is_exact(dtype):
+    if packed._self_check(dtype) is not None:
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    weight = torch.randn(96, 64) * 3
+    layer = PackedLinear(weight, None, dtype)
+    assert torch.equal(layer.unpacked_weight(), weight.to(dtype))

@@ -251,8 +251,12 @@ class BridgeState:
             self.cache = [torch.cat([a, b]) for a, b in zip(self.cache, other.cache)]
 
 
-class _BridgedProjection(nn.Module):
-    """A k_proj or v_proj that adds the bridge's delta for the active batch."""
+class BridgedProjection(nn.Module):
+    """A k_proj or v_proj that adds the bridge's delta for the active batch.
+
+    `add_delta` takes the output of `base` computed elsewhere (`senab.fastdecode` runs the
+    base projections of q, k and v as one product).
+    """
 
     def __init__(self, base: nn.Module, handle: BridgeHandle, slot: int, kind: str) -> None:
         super().__init__()
@@ -262,7 +266,10 @@ class _BridgedProjection(nn.Module):
         self.kind = kind
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.base(hidden)
+        return self.add_delta(self.base(hidden))
+
+    def add_delta(self, out: torch.Tensor) -> torch.Tensor:
+        """Return `out`, the base projection's output, plus this layer's delta where the bridge is active."""
         handle = self._handle[0]
         state = handle.active_state
         if state is None or not handle.enabled:
@@ -363,7 +370,7 @@ def attach_bridge(model: nn.Module, bridge: Bridge) -> BridgeHandle:
         attention = getattr(layers[index], arch.attention)
         for kind, attr in (("k", arch.k_proj), ("v", arch.v_proj)):
             original = getattr(attention, attr)
-            setattr(attention, attr, _BridgedProjection(original, handle, slot, kind))
+            setattr(attention, attr, BridgedProjection(original, handle, slot, kind))
             handle._restore.append((attention, attr, original))
 
     handle._hook = layers[config.first_layer].register_forward_pre_hook(handle._read_in, with_kwargs=True)

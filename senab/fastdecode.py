@@ -13,8 +13,8 @@ step by step in one run, one row took 26.2 ms against 31.5 ms for `model(...)`, 
 It computes exactly what the model's own forward call computes, to the bit: the tests
 compare the logits of both for single rows, left-padded batches, 4-bit weights and the
 bridge. Hooks still run: a decoder layer with forward hooks (the bridge's read-in is one)
-runs through its own `forward`, and projections are called as modules, so the bridge's
-wrapped k/v projections add their deltas as usual.
+runs through its own `forward`. The bridge's wrapped k/v projections add their deltas to
+their share of the fused product (`BridgedProjection.add_delta`).
 
 `LlamaDecodeStep.for_model` returns None for a model it does not reproduce exactly, such as
 another family, another attention implementation or subclassed modules. The caller then
@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama as llama
 
+from senab.bridge import BridgedProjection
 from senab.quant import Int4Linear
 
 # SDPA takes grouped K/V heads natively only without a mask and up to this head size
@@ -103,14 +104,14 @@ class LlamaDecodeStep:
     def _fused(self, index: int, kind: str, modules: tuple[nn.Module, ...]) -> Int4Linear | None:
         """Return the 4-bit layer that computes `modules` in one product, or None.
 
-        Built again whenever the modules change (attaching the bridge wraps k_proj and
-        v_proj, so its layers keep separate products).
+        Built again whenever the modules change. The bridge's wrapped k and v projections
+        fuse by their base layers and add their deltas afterwards.
         """
-        if not all(type(module) is Int4Linear for module in modules):
+        if not all(type(_base(module)) is Int4Linear for module in modules):
             return None
         cached = self._fusions.get((index, kind))
         if cached is None or any(a is not b for a, b in zip(cached[0], modules)):
-            cached = (modules, Int4Linear.concatenate(modules))
+            cached = (modules, Int4Linear.concatenate([_base(module) for module in modules]))
             self._fusions[(index, kind)] = cached
         return cached[1]
 
@@ -132,7 +133,10 @@ class LlamaDecodeStep:
         if fused is None:
             query, key, value = (projection(hidden) for projection in projections)
         else:
-            query, key, value = fused(hidden).split([p.out_features for p in projections], -1)
+            outputs = fused(hidden).split([_base(p).out_features for p in projections], -1)
+            # The bridge's k and v projections add their deltas to their share of the product.
+            query, key, value = (p.add_delta(out) if type(p) is BridgedProjection else out
+                                 for p, out in zip(projections, outputs))
         query = query.view(shape).transpose(1, 2)
         key = key.view(shape).transpose(1, 2)
         value = value.view(shape).transpose(1, 2)
@@ -156,3 +160,8 @@ class LlamaDecodeStep:
 
 def _qkv(attention: llama.LlamaAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
     return attention.q_proj, attention.k_proj, attention.v_proj
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """Return the projection a `BridgedProjection` wraps, or `module` itself."""
+    return module.base if type(module) is BridgedProjection else module

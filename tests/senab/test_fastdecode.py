@@ -121,10 +121,9 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]
     for batch, join in ((requests[:2], requests[2]), (large, None)):
         assert_same_steps(step_logits(fast, batch, join=join), step_logits(slow, batch, join=join))
-    # The bridge wraps k_proj and v_proj of its layers, which then keep their own products,
-    # and its read-in hook sends its first layer through that layer's own forward call.
+    # The bridge's read-in hook sends its first layer through that layer's own forward call.
     first = handle.bridge.config.first_layer if bridged else 6
-    assert used == {(i, "gate_up") for i in range(6) if i != first} | {(i, "qkv") for i in range(first)}
+    assert used == {(i, kind) for i in range(6) if i != first for kind in ("qkv", "gate_up")}
 
 
 def test_other_models_keep_forward_call():

@@ -12,9 +12,11 @@ step by step in one run, one row took 26.2 ms against 31.5 ms for `model(...)`, 
 
 It computes exactly what the model's own forward call computes, to the bit: the tests
 compare the logits of both for single rows, left-padded batches, 4-bit weights and the
-bridge. Hooks still run: a decoder layer with forward hooks (the bridge's read-in is one)
-runs through its own `forward`. The bridge's wrapped k/v projections add their deltas to
-their share of the fused product (`BridgedProjection.add_delta`).
+bridge. Hooks still run. A decoder layer runs through its own `forward` when it, or a
+module whose forward call the step replaces (its attention, its MLP, the fused
+projections), has forward hooks. The bridge's read-in hook is one. Hooks on the model send
+the whole step through the model's forward call. The bridge's wrapped k/v projections add
+their deltas to their share of the fused product (`BridgedProjection.add_delta`).
 
 `LlamaDecodeStep.for_model` returns None for a model it does not reproduce exactly, such as
 another family, another attention implementation or subclassed modules. The caller then
@@ -27,15 +29,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama as llama
 
 from senab.bridge import BridgedProjection
 from senab.quant import Int4Linear
-
-# SDPA takes grouped K/V heads natively only without a mask and up to this head size
-# (transformers' `use_gqa_in_sdpa` on CPU and CUDA).
-_GQA_MAX_HEAD_DIM = 256
 
 
 class LlamaDecodeStep:
@@ -45,10 +44,22 @@ class LlamaDecodeStep:
         self.model = model
         self.inner = model.model
         self.layers = list(model.model.layers[: model.config.num_hidden_layers])
-        # (layer index, "qkv" or "gate_up") -> (the modules fused, their fused 4-bit layer or None)
-        self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], Int4Linear | None]] = {}
+        # (layer index, "qkv" or "gate_up") -> (the modules fused, the state of their weights,
+        # their fused 4-bit layer or None)
+        self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
+        self._hooked_layers: list[bool] = []
+        # Built now rather than at the first step, so that the memory is taken at start.
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take in changes to the model since the last call: hooks, cast or loaded weights.
+
+        Steps read what this finds rather than checking 60 fused layers and 270 modules
+        each time, which took 1.2 ms per step. `Generator` calls it at every prefill, so a
+        change made while a batch is decoding applies from the next prefill on.
+        """
+        self._hooked_layers = [self._layer_hooked(layer) for layer in self.layers]
         for index, layer in enumerate(self.layers):
-            # Built now rather than at the first step, so that the memory is taken at start.
             self._fused(index, "qkv", _qkv(layer.self_attn))
             self._fused(index, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))
 
@@ -81,6 +92,11 @@ class LlamaDecodeStep:
         if input_ids.shape[1] != 1:
             raise ValueError(f"Invalid input_ids of {input_ids.shape[1]} positions per row: a decode step takes one, "
                              "so run prompts through the model's forward call")
+        if (self.model.config._attn_implementation != "sdpa" or _hooked(self.model) or _hooked(self.inner)
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+            # Hooks on the modules whose forward calls this step replaces must still run.
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         hidden = self.inner.embed_tokens(input_ids)
         mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
@@ -88,7 +104,7 @@ class LlamaDecodeStep:
         cos = position_embeddings[0].unsqueeze(1)
         sin = position_embeddings[1].unsqueeze(1)
         for index, layer in enumerate(self.layers):
-            if layer._forward_hooks or layer._forward_pre_hooks:
+            if self._hooked_layers[index]:
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                                position_ids=position_ids, cache=cache, use_cache=True)
                 continue
@@ -101,23 +117,36 @@ class LlamaDecodeStep:
         hidden = self.inner.norm(hidden)
         return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
 
+    @staticmethod
+    def _layer_hooked(layer: llama.LlamaDecoderLayer) -> bool:
+        """Return whether `layer` or a module whose forward call the step replaces in it has hooks."""
+        attention, mlp = layer.self_attn, layer.mlp
+        replaced = (layer, attention, mlp, *_qkv(attention), mlp.gate_proj, mlp.up_proj)
+        return any(_hooked(module) or _hooked(_base(module)) for module in replaced)
+
     def _fused(self, index: int, kind: str, modules: tuple[nn.Module, ...]) -> Int4Linear | None:
         """Return the 4-bit layer that computes `modules` in one product, or None.
 
-        Built again whenever the modules change. The bridge's wrapped k and v projections
-        fuse by their base layers and add their deltas afterwards.
+        Built again whenever the modules, their weight tensors or those tensors' versions
+        have changed, so that `.to(dtype)` and `load_state_dict` on the model reach it. The
+        bridge's wrapped k and v projections fuse by their base layers and add their deltas
+        afterwards.
         """
-        if not all(type(_base(module)) is Int4Linear for module in modules):
+        bases = [_base(module) for module in modules]
+        if not all(type(base) is Int4Linear for base in bases):
+            self._fusions[(index, kind)] = (modules, (), None)
             return None
+        state = tuple((tensor, _version(tensor)) for base in bases for tensor in _weight_tensors(base))
         cached = self._fusions.get((index, kind))
-        if cached is None or any(a is not b for a, b in zip(cached[0], modules)):
-            cached = (modules, Int4Linear.concatenate([_base(module) for module in modules]))
+        if (cached is None or any(a is not b for a, b in zip(cached[0], modules))
+                or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[1], state))):
+            cached = (modules, state, Int4Linear.concatenate(bases))
             self._fusions[(index, kind)] = cached
-        return cached[1]
+        return cached[2]
 
     def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """`LlamaMLP.forward`, with the gate and up projections in one 4-bit product where it can."""
-        fused = self._fused(index, "gate_up", (mlp.gate_proj, mlp.up_proj))
+        fused = self._fusions[(index, "gate_up")][2]
         if fused is None:
             return mlp(hidden)
         gate, up = fused(hidden).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
@@ -129,7 +158,7 @@ class LlamaDecodeStep:
         batch = hidden.shape[0]
         shape = (batch, 1, -1, attention.head_dim)
         projections = _qkv(attention)
-        fused = self._fused(index, "qkv", projections)
+        fused = self._fusions[(index, "qkv")][2]
         if fused is None:
             query, key, value = (projection(hidden) for projection in projections)
         else:
@@ -147,7 +176,7 @@ class LlamaDecodeStep:
         options = {}
         groups = attention.num_key_value_groups
         if groups > 1:
-            if mask is None and key.shape[-1] == value.shape[-1] <= _GQA_MAX_HEAD_DIM:
+            if use_gqa_in_sdpa(mask, key, value):
                 options["enable_gqa"] = True
             elif query.shape[1] > 1:
                 # One query position: the heads of a group become its query positions.
@@ -165,3 +194,21 @@ def _qkv(attention: llama.LlamaAttention) -> tuple[nn.Module, nn.Module, nn.Modu
 def _base(module: nn.Module) -> nn.Module:
     """Return the projection a `BridgedProjection` wraps, or `module` itself."""
     return module.base if type(module) is BridgedProjection else module
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _weight_tensors(layer: Int4Linear) -> tuple[torch.Tensor, ...]:
+    """Return the tensors that a fused layer copies from `layer`."""
+    tensors = (layer.packed, layer.scales_and_zeros)
+    return tensors if layer.bias is None else (*tensors, layer.bias)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """Return the in-place version of `tensor`; inference tensors, which have none, count as 0."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return 0

@@ -313,8 +313,10 @@ class Generator:
             bridge_state.valid = valid
         context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
         with context:
-            if self.decode_step is not None and input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
-                return self.decode_step(input_ids, attention_mask, position_ids, cache)
+            if self.decode_step is not None:
+                if input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
+                    return self.decode_step(input_ids, attention_mask, position_ids, cache)
+                self.decode_step.refresh()  # a prefill: the model may have changed since the last batch
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, V)

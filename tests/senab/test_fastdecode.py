@@ -113,7 +113,7 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
     requests = requests_for(tokenizer, sessions=bridged)
     used: set[tuple[int, str]] = set()
-    for key, (_, layer) in fast.decode_step._fusions.items():
+    for key, (_, _, layer) in fast.decode_step._fusions.items():
         if layer is not None:
             layer.register_forward_hook(lambda *args, key=key: used.add(key))
             assert (layer.dense is not None) == copies
@@ -124,6 +124,74 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     # The bridge's read-in hook sends its first layer through that layer's own forward call.
     first = handle.bridge.config.first_layer if bridged else 6
     assert used == {(i, kind) for i in range(6) if i != first for kind in ("qkv", "gate_up")}
+
+
+def int4_generators(copies: bool, monkeypatch) -> tuple[LlamaForCausalLM, Generator, Generator, list]:
+    """Return the wide tiny Llama with 4-bit weights, a fast and a slow generator, and requests."""
+    monkeypatch.setattr(quant, "amx_blocker", (lambda: None) if copies else (lambda: "switched off by the test"))
+    model, tokenizer = wide_tiny_llama()
+    snap_to_q4_1(model)
+    quantize_model(model, "auto", torch.bfloat16)
+    model.to(torch.bfloat16)
+    fast = Generator(model, tokenizer, eos_token_ids=set())
+    slow = Generator(model, tokenizer, eos_token_ids=set(), fast_decode=False)
+    return model, fast, slow, requests_for(tokenizer, sessions=False)
+
+
+def test_step_follows_model_cast(monkeypatch):
+    # The fused layers live outside the module tree, so they must follow `.to(dtype)` by themselves.
+    model, fast, slow, requests = int4_generators(copies=False, monkeypatch=monkeypatch)
+    model.to(torch.float32)
+    large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]
+    for batch in (requests, large):
+        assert_same_steps(step_logits(fast, batch), step_logits(slow, batch))
+        assert step_logits(fast, batch)[0].dtype == torch.float32
+
+
+def test_step_follows_loaded_weights(monkeypatch):
+    model, fast, slow, requests = int4_generators(copies=False, monkeypatch=monkeypatch)
+    before = step_logits(fast, requests)
+    other, _ = wide_tiny_llama()
+    torch.manual_seed(1)
+    for parameter in other.parameters():
+        parameter.data.normal_(0, 0.05)
+    snap_to_q4_1(other)
+    quantize_model(other, "int4", torch.bfloat16)
+    model.load_state_dict(other.to(torch.bfloat16).state_dict())
+    after = step_logits(fast, requests)
+    assert not torch.equal(after[1], before[1])
+    assert_same_steps(after, step_logits(slow, requests))
+
+
+@pytest.mark.parametrize("where", ["model", "model.model", "model.model.layers.1.self_attn",
+                                   "model.model.layers.1.self_attn.q_proj", "model.model.layers.2.mlp.up_proj"])
+def test_step_runs_hooks(where, monkeypatch):
+    model, fast, slow, requests = int4_generators(copies=False, monkeypatch=monkeypatch)
+    module = model.get_submodule(where.removeprefix("model").removeprefix("."))
+
+    def scale(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] * 1.5, *output[1:])
+        for name in ("logits", "last_hidden_state"):  # the model's and the inner model's outputs
+            if hasattr(output, name):
+                setattr(output, name, getattr(output, name) * 1.5)
+                return output
+        return output * 1.5
+
+    plain = step_logits(fast, requests)
+    module.register_forward_hook(scale)
+    hooked = step_logits(fast, requests)
+    assert not torch.equal(hooked[1], plain[1])
+    assert_same_steps(hooked, step_logits(slow, requests))
+
+
+def test_step_follows_forced_gqa(monkeypatch):
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    model, tokenizer = make_tiny_llama(seed=0)
+    fast = Generator(model, tokenizer, eos_token_ids=set())
+    slow = Generator(model, tokenizer, eos_token_ids=set(), fast_decode=False)
+    requests = requests_for(tokenizer, sessions=False)
+    assert_same_steps(step_logits(fast, requests), step_logits(slow, requests))
 
 
 def test_other_models_keep_forward_call():

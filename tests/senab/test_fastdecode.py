@@ -194,6 +194,14 @@ def test_step_follows_forced_gqa(monkeypatch):
     assert_same_steps(step_logits(fast, requests), step_logits(slow, requests))
 
 
+def test_generators_share_one_step():
+    model, tokenizer = make_tiny_llama(seed=0)
+    first = Generator(model, tokenizer)
+    second = Generator(model, tokenizer)
+    assert first.decode_step is second.decode_step
+    assert Generator(make_tiny_llama(seed=0)[0], tokenizer).decode_step is not first.decode_step
+
+
 def test_other_models_keep_forward_call():
     model, _ = make_tiny_llama(seed=0)
     assert LlamaDecodeStep.for_model(model) is not None

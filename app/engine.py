@@ -228,6 +228,8 @@ class Engine:
                         job._emit(exc)
                 else:
                     jobs.update(zip(indices, admitted))
+                    logger.debug("prefilled requests %s; %d sequences running",
+                                 ", ".join(job.request_id for job in admitted), len(batch))
             if not batch:
                 continue
 

@@ -115,7 +115,12 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     used: set[tuple[int, str]] = set()
     for key, (_, _, layer) in fast.decode_step._fusions.items():
         if layer is not None:
-            layer.register_forward_hook(lambda *args, key=key: used.add(key))
+            # The step calls `forward` directly, so a hook would not see the calls.
+            def counted(x, key=key, forward=layer.forward):
+                used.add(key)
+                return forward(x)
+
+            layer.forward = counted
             assert (layer.dense is not None) == copies
     # Batches on both sides of INT4_MAX_ROWS, where layers with copies leave the 4-bit kernel.
     large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]
@@ -164,7 +169,9 @@ def test_step_follows_loaded_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["model", "model.model", "model.model.layers.1.self_attn",
-                                   "model.model.layers.1.self_attn.q_proj", "model.model.layers.2.mlp.up_proj"])
+                                   "model.model.layers.1.self_attn.q_proj", "model.model.layers.1.self_attn.o_proj",
+                                   "model.model.layers.2.mlp.up_proj", "model.model.layers.2.mlp.down_proj",
+                                   "model.model.layers.2.post_attention_layernorm"])
 def test_step_runs_hooks(where, monkeypatch):
     model, fast, slow, requests = int4_generators(copies=False, monkeypatch=monkeypatch)
     module = model.get_submodule(where.removeprefix("model").removeprefix("."))

@@ -66,6 +66,7 @@ LEVELS = 15  # largest 4-bit code
 # group's range. The threshold sits far from both.
 EXACT_TOLERANCE = 1e-4
 _KERNEL = "_weight_int4pack_mm_for_cpu"
+_INT4_MM = getattr(torch.ops.aten, _KERNEL).default if hasattr(torch.ops.aten, _KERNEL) else None
 # The kernel unpacks the weights again for every 4 rows, so over many positions (a long
 # prompt) unpacking them once and running a dense product is faster. On a 2-core AVX-512
 # machine, one forward pass of SmolLM2-135M over 600 positions took 999 ms with the kernel
@@ -74,11 +75,11 @@ _KERNEL = "_weight_int4pack_mm_for_cpu"
 # numerics do not depend on the prompts prefilled with it.
 UNPACK_POSITIONS = 512
 # Decode steps of up to this many rows run on the 4-bit kernel where a layer also has a
-# packed bfloat16 copy. On a 2-core Xeon with AMX, one step of SmolLM2-135M through
-# `senab.fastdecode` (q/k/v and gate/up fused) took (4-bit kernel / packed copy, ms, paired
-# steps in one run) 15.6 / 28.7 for 1 row, 27.4 / 41.4 for 4, 30.5 / 33.3 for 8, 37.7 / 33.9
-# for 10 and 47.6 / 37.5 for 16. Through transformers' forward call, without the fusion, the
-# two cost about the same at 6 rows.
+# packed bfloat16 copy. On a 2-core Xeon with AMX, paired steps of SmolLM2-135M through
+# `senab.fastdecode`, with q/k/v and gate/up fused, took these times (4-bit kernel / packed
+# copy, ms): 15.6 / 28.7 for 1 row, 27.4 / 41.4 for 4, 30.5 / 33.3 for 8, 37.7 / 33.9 for 10
+# and 47.6 / 37.5 for 16. Through transformers' forward call, without the fusion, the two
+# cost about the same at 6 rows.
 INT4_MAX_ROWS = 8
 # Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
 # 32 with AVX2. `packed_block` finds out which one this process uses.
@@ -196,14 +197,23 @@ class Int4Linear(nn.Module):
         block = packed_block() if positions >= UNPACK_POSITIONS else None
         if block is not None and self.out_features % block == 0:
             out = nn.functional.linear(flat, self.unpack(block))
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP_SIZE, scales)
-        if self.bias is not None:
-            out = out + self.bias
+            out = self.kernel(flat.contiguous())
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """Return the (rows, out) product of contiguous (rows, in) `flat` on the 4-bit kernel, bias added.
+
+        `flat` must be in the dtype of `scales_and_zeros`. `forward` calls this for decode
+        steps, and `senab.fastdecode` calls it directly, skipping `forward`'s checks.
+        """
+        out = _INT4_MM(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        return out if self.bias is None else out + self.bias
+
     def copy_serves(self, rows: int, positions: int) -> bool:
-        """Whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
+        """Return whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
         return self.dense is not None and (positions > 1 or rows > INT4_MAX_ROWS)
 
     @classmethod

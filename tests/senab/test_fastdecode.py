@@ -115,12 +115,13 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     used: set[tuple[int, str]] = set()
     for key, (_, _, layer) in fast.decode_step._fusions.items():
         if layer is not None:
-            # The step calls `forward` directly, so a hook would not see the calls.
-            def counted(x, key=key, forward=layer.forward):
-                used.add(key)
-                return forward(x)
+            # The step calls `kernel` or `forward` directly, so a hook would not see the calls.
+            for name in ("kernel", "forward"):
+                def counted(x, key=key, method=getattr(layer, name)):
+                    used.add(key)
+                    return method(x)
 
-            layer.forward = counted
+                setattr(layer, name, counted)
             assert (layer.dense is not None) == copies
     # Batches on both sides of INT4_MAX_ROWS, where layers with copies leave the 4-bit kernel.
     large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]

@@ -47,7 +47,8 @@ class LlamaDecodeStep:
         # (layer index, "qkv" or "gate_up") -> (the modules fused, the state of their weights,
         # their fused 4-bit layer or None)
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
-        self._hooked_layers: list[bool] = []
+        # Per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (other hooks)
+        self._layer_hooks: list[str] = []
         # Built now rather than at the first step, so that the memory is taken at start.
         self.refresh()
 
@@ -58,7 +59,7 @@ class LlamaDecodeStep:
         each time, which took 1.2 ms per step. `Generator` calls it at every prefill, so a
         change made while a batch is decoding applies from the next prefill on.
         """
-        self._hooked_layers = [self._layer_hooked(layer) for layer in self.layers]
+        self._layer_hooks = [self._hooks_of(layer) for layer in self.layers]
         for index, layer in enumerate(self.layers):
             self._fused(index, "qkv", _qkv(layer.self_attn))
             self._fused(index, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))
@@ -112,10 +113,17 @@ class LlamaDecodeStep:
         cos = position_embeddings[0].unsqueeze(1)
         sin = position_embeddings[1].unsqueeze(1)
         for index, layer in enumerate(self.layers):
-            if self._hooked_layers[index]:
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+            hooks = self._layer_hooks[index]
+            if hooks != "none":
+                options = dict(attention_mask=mask, position_embeddings=position_embeddings,
                                position_ids=position_ids, cache=cache, use_cache=True)
-                continue
+                if hooks == "all":
+                    hidden = layer(hidden, **options)
+                    continue
+                args, kwargs = _run_pre_hooks(layer, (hidden,), options)
+                if len(args) != 1 or args[0] is not hidden or kwargs != options:
+                    hidden = layer.forward(*args, **kwargs)  # as `nn.Module.__call__` does after pre-hooks
+                    continue
             # No module of this layer has hooks, so calling `forward` directly skips only
             # `nn.Module.__call__`'s checks for them (about 4% of a one-row step, paired steps).
             residual = hidden
@@ -128,12 +136,22 @@ class LlamaDecodeStep:
         return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
 
     @staticmethod
-    def _layer_hooked(layer: llama.LlamaDecoderLayer) -> bool:
-        """Return whether `layer` or a module whose forward call the step replaces in it has hooks."""
+    def _hooks_of(layer: llama.LlamaDecoderLayer) -> str:
+        """Return which hooks `layer` and the modules whose forward calls the step replaces in it have.
+
+        "pre" when the layer has forward pre-hooks and nothing else has hooks: the step runs
+        them itself and keeps its own path (the bridge's read-in is such a hook). "all" for
+        any other hook, so that the layer runs through its own `__call__`. "none" otherwise.
+        """
         attention, mlp = layer.self_attn, layer.mlp
-        replaced = (layer, layer.input_layernorm, layer.post_attention_layernorm, attention, *_qkv(attention),
-                    attention.o_proj, mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
-        return any(_hooked(module) or _hooked(_base(module)) for module in replaced)
+        inner = (layer.input_layernorm, layer.post_attention_layernorm, attention, *_qkv(attention),
+                 attention.o_proj, mlp, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+        if any(_hooked(module) or _hooked(_base(module)) for module in inner) or layer._forward_hooks \
+                or layer._backward_hooks or layer._backward_pre_hooks:
+            return "all"
+        if layer._forward_pre_hooks:
+            return "pre" if hasattr(layer, "_forward_pre_hooks_with_kwargs") else "all"
+        return "none"
 
     def _fused(self, index: int, kind: str, modules: tuple[nn.Module, ...]) -> Int4Linear | None:
         """Return the 4-bit layer that computes `modules` in one product, or None.
@@ -219,6 +237,21 @@ def _qkv(attention: llama.LlamaAttention) -> tuple[nn.Module, nn.Module, nn.Modu
 def _base(module: nn.Module) -> nn.Module:
     """Return the projection a `BridgedProjection` wraps, or `module` itself."""
     return module.base if type(module) is BridgedProjection else module
+
+
+def _run_pre_hooks(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Run `layer`'s forward pre-hooks as `nn.Module.__call__` does; return the args and kwargs for `forward`."""
+    with_kwargs = layer._forward_pre_hooks_with_kwargs
+    for hook_id, hook in layer._forward_pre_hooks.items():
+        if hook_id in with_kwargs:
+            result = hook(layer, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(layer, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
 
 
 def _hooked(module: nn.Module) -> bool:

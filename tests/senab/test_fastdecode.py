@@ -127,9 +127,8 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     large = (requests * 3)[:quant.INT4_MAX_ROWS + 1]
     for batch, join in ((requests[:2], requests[2]), (large, None)):
         assert_same_steps(step_logits(fast, batch, join=join), step_logits(slow, batch, join=join))
-    # The bridge's read-in hook sends its first layer through that layer's own forward call.
-    first = handle.bridge.config.first_layer if bridged else 6
-    assert used == {(i, kind) for i in range(6) if i != first for kind in ("qkv", "gate_up")}
+    # Every layer fuses, the bridge's too: the step runs its read-in hook itself.
+    assert used == {(i, kind) for i in range(6) for kind in ("qkv", "gate_up")}
 
 
 def int4_generators(copies: bool, monkeypatch) -> tuple[LlamaForCausalLM, Generator, Generator, list]:
@@ -191,6 +190,25 @@ def test_step_runs_hooks(where, monkeypatch):
     hooked = step_logits(fast, requests)
     assert not torch.equal(hooked[1], plain[1])
     assert_same_steps(hooked, step_logits(slow, requests))
+
+
+@pytest.mark.parametrize("with_kwargs", [False, True])
+@pytest.mark.parametrize("changes", [False, True], ids=["observes", "changes input"])
+def test_step_runs_layer_pre_hooks(with_kwargs, changes, monkeypatch):
+    model, fast, slow, requests = int4_generators(copies=False, monkeypatch=monkeypatch)
+    calls = []
+
+    def hook(module, args, kwargs=None):
+        calls.append(args[0].shape)
+        if not changes:
+            return None
+        scaled = (args[0] * 1.5,)
+        return (scaled, kwargs) if with_kwargs else scaled
+
+    model.model.layers[2].register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    fast_logits = step_logits(fast, requests)
+    assert len(calls) >= len(fast_logits)  # the prefill and every step
+    assert_same_steps(fast_logits, step_logits(slow, requests))
 
 
 def test_step_follows_forced_gqa(monkeypatch):

@@ -1,7 +1,7 @@
 """A decode step for Llama models that skips transformers' per-layer machinery.
 
 A decode step of SmolLM2-135M on a CPU does little arithmetic. On a 2-core Xeon with AMX
-(torch 2.13) the 4-bit products took 6 ms of a 31 ms step and the output layer 5 ms. Much
+(torch 2.13) the 4-bit products took 6 ms of a 31 ms step and the output layer about 5 ms. Much
 of the rest is Python around them: transformers' decorators, keyword plumbing, attention
 dispatch and output dataclasses, for each of 30 layers. `LlamaDecodeStep` runs the same
 operations in the same order on the same modules, for one new position per row, without
@@ -45,10 +45,10 @@ class LlamaDecodeStep:
         self.model = model
         self.inner = model.model
         self.layers = list(model.model.layers[: model.config.num_hidden_layers])
-        # (layer index, "qkv" or "gate_up") -> (the modules fused, the state of their weights,
-        # their fused 4-bit layer or None)
+        # Fusions by (layer index, "qkv" or "gate_up"): the modules fused, the tensors and
+        # versions they were copied from, and the fused 4-bit layer (None where they cannot fuse).
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
-        # Per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (other hooks)
+        # Hooks per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (any other).
         self._layer_hooks: list[str] = []
         # Built now rather than at the first step, so that the memory is taken at start.
         self.refresh()
@@ -94,7 +94,7 @@ class LlamaDecodeStep:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
-        """Return the (B, V) logits of the new position; `cache` grows by one position.
+        """Return the (B, V) logits of the new position, and grow `cache` by that position.
 
         `input_ids` and `position_ids` are (B, 1); `attention_mask` (B, S) covers the cached
         positions and the new one, 0 for left padding.
@@ -175,7 +175,7 @@ class LlamaDecodeStep:
         return cached[2]
 
     def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
-        """`LlamaMLP.forward`, with the gate and up projections in one 4-bit product where it can."""
+        """Run `LlamaMLP.forward`, with the gate and up projections in one 4-bit product where they fuse."""
         fused = self._fusions[(index, "gate_up")][2]
         if fused is None:
             return mlp.forward(hidden)
@@ -184,7 +184,7 @@ class LlamaDecodeStep:
 
     def _attention(self, attention: llama.LlamaAttention, hidden: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache, index: int) -> torch.Tensor:
-        """`LlamaAttention.forward` with `sdpa_attention_forward`, for one query position."""
+        """Run `LlamaAttention.forward` with `sdpa_attention_forward` for one query position."""
         batch = hidden.shape[0]
         shape = (batch, 1, -1, attention.head_dim)
         projections = _qkv(attention)
@@ -241,7 +241,7 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _run_pre_hooks(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Run `layer`'s forward pre-hooks as `nn.Module.__call__` does; return the args and kwargs for `forward`."""
+    """Run `layer`'s forward pre-hooks as `nn.Module.__call__` does, and return the args and kwargs for `forward`."""
     with_kwargs = layer._forward_pre_hooks_with_kwargs
     for hook_id, hook in layer._forward_pre_hooks.items():
         if hook_id in with_kwargs:
@@ -266,7 +266,7 @@ def _weight_tensors(layer: Int4Linear) -> tuple[torch.Tensor, ...]:
 
 
 def _version(tensor: torch.Tensor) -> int:
-    """Return the in-place version of `tensor`; inference tensors, which have none, count as 0."""
+    """Return the in-place version of `tensor`, or 0 for an inference tensor, which has none."""
     try:
         return tensor._version
     except RuntimeError:

@@ -205,8 +205,8 @@ class Generator:
     def __init__(self, model, tokenizer, handle: BridgeHandle | None = None,
                  eos_token_ids: set[int] | None = None, fast_decode: bool = True) -> None:
         self.model = model
-        # Decode steps skip transformers' per-layer plumbing where the model is plain Llama
-        # (same logits to the bit); `fast_decode=False` keeps the model's forward call.
+        # Decode steps skip transformers' per-layer plumbing where the model is plain Llama,
+        # with the same logits to the bit. `fast_decode=False` keeps the model's forward call.
         self.decode_step = LlamaDecodeStep.for_model(model) if fast_decode else None
         self.tokenizer = tokenizer
         self.handle = handle
@@ -316,7 +316,7 @@ class Generator:
             if self.decode_step is not None:
                 if input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
                     return self.decode_step(input_ids, attention_mask, position_ids, cache)
-                self.decode_step.refresh()  # a prefill: the model may have changed since the last batch
+                self.decode_step.refresh()  # a prefill, and the model may have changed since the last one
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, V)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import senab.packed as packed
 import senab.quant as quant
-from senab.bridge import attach_bridge, new_checkpoint
+from senab.bridge import BridgeHandle, attach_bridge, new_checkpoint
 from senab.fastdecode import LlamaDecodeStep
 from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
 from senab.prompt import build_prompt
@@ -20,9 +20,21 @@ from tests.senab.test_quant import snap_to_q4_1
 PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
 
 
+def generators(model, tokenizer, bridged: bool) -> tuple[Generator, Generator, BridgeHandle | None]:
+    """Return a generator with the decode step, one with the forward call, and the bridge (random write-out)."""
+    handle = None
+    if bridged:
+        checkpoint = new_checkpoint(model.config)
+        randomize_write_out(checkpoint.bridge)
+        handle = attach_bridge(model, checkpoint.bridge)
+    fast = Generator(model, tokenizer, handle, eos_token_ids=set())
+    slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
+    return fast, slow, handle
+
+
 def step_logits(generator: Generator, requests: list[GenerationRequest], join: GenerationRequest | None = None
                 ) -> list[torch.Tensor]:
-    """Decode `requests` greedily as one batch (`join` joins at the third step); return every step's logits."""
+    """Decode `requests` greedily as one batch (`join` joins at the third step), and return every step's logits."""
     batch = DecodeBatch(generator)
     batch.add(requests, list(range(len(requests))))
     logits = []
@@ -57,14 +69,9 @@ def assert_same_steps(fast: list[torch.Tensor], slow: list[torch.Tensor]) -> Non
 def test_step_equals_forward_call(dtype, bridged):
     model, tokenizer = make_tiny_llama(seed=0)
     model.to(dtype)
-    handle = None
-    if bridged:
-        checkpoint = new_checkpoint(model.config)
-        randomize_write_out(checkpoint.bridge)
-        handle = attach_bridge(model, checkpoint.bridge)
-    fast = Generator(model, tokenizer, handle, eos_token_ids=set())
-    slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
-    assert fast.decode_step is not None and slow.decode_step is None
+    fast, slow, handle = generators(model, tokenizer, bridged)
+    assert fast.decode_step is not None
+    assert slow.decode_step is None
     requests = requests_for(tokenizer, sessions=bridged)
     # One row alone (no padding mask), then a left-padded batch that a row joins mid-way.
     assert_same_steps(step_logits(fast, requests[1:2]), step_logits(slow, requests[1:2]))
@@ -81,7 +88,7 @@ def test_step_equals_forward_call(dtype, bridged):
 
 
 def wide_tiny_llama() -> tuple[LlamaForCausalLM, object]:
-    """A tiny Llama whose K/V width (64) is a whole block of the 4-bit layout, so q, k and v fuse."""
+    """Build a tiny Llama whose K/V width (64) is a whole block of the 4-bit layout, so q, k and v fuse."""
     tokenizer = make_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -104,13 +111,7 @@ def test_step_with_int4_weights(copies, bridged, monkeypatch):
     assert report.applied == "int4"
     assert report.dense_copies == copies
     model.to(torch.bfloat16)
-    handle = None
-    if bridged:
-        checkpoint = new_checkpoint(model.config)
-        randomize_write_out(checkpoint.bridge)
-        handle = attach_bridge(model, checkpoint.bridge)
-    fast = Generator(model, tokenizer, handle, eos_token_ids=set())
-    slow = Generator(model, tokenizer, handle, eos_token_ids=set(), fast_decode=False)
+    fast, slow, handle = generators(model, tokenizer, bridged)
     requests = requests_for(tokenizer, sessions=bridged)
     used: set[tuple[int, str]] = set()
     for key, (_, _, layer) in fast.decode_step._fusions.items():
@@ -138,8 +139,7 @@ def int4_generators(copies: bool, monkeypatch) -> tuple[LlamaForCausalLM, Genera
     snap_to_q4_1(model)
     quantize_model(model, "auto", torch.bfloat16)
     model.to(torch.bfloat16)
-    fast = Generator(model, tokenizer, eos_token_ids=set())
-    slow = Generator(model, tokenizer, eos_token_ids=set(), fast_decode=False)
+    fast, slow, _ = generators(model, tokenizer, bridged=False)
     return model, fast, slow, requests_for(tokenizer, sessions=False)
 
 

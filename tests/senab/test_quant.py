@@ -50,6 +50,13 @@ def q4_1_weight(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.from_numpy(weight), torch.from_numpy(codes.reshape(rows, columns))
 
 
+def quantized_tiny_llama(mode: str) -> tuple[nn.Module, quant.QuantizationReport]:
+    """Build the tiny Llama with its weights on a Q4_1 grid, quantize it in `mode`, and return both."""
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    return model, quantize_model(model, mode, torch.bfloat16)
+
+
 def snap_to_q4_1(model: nn.Module) -> None:
     """Round every eligible linear weight of `model` to a Q4_1 grid, in place."""
     for module in model.modules():
@@ -263,7 +270,7 @@ def test_auto_dense_copies_where_they_pay(dense_copies):
     assert len(layers) == report.layers
     assert all((m.dense is not None) == dense_copies for m in layers)
     assert ("bfloat16 copies packed" in report.describe()) == dense_copies
-    # The output layer is packed with the copies; its logits keep the model's dtype.
+    # The output layer is packed with the copies, and its logits keep the model's dtype.
     output = model.get_output_embeddings()
     assert isinstance(output, PackedOutputLayer) == dense_copies == report.packed_output
     if dense_copies:
@@ -279,9 +286,7 @@ def test_auto_dense_copies_where_they_pay(dense_copies):
 
 def test_int4_mode_keeps_no_dense_copies(monkeypatch):
     monkeypatch.setattr(quant, "amx_blocker", lambda: None)
-    model, _ = make_tiny_llama(seed=0)
-    snap_to_q4_1(model)
-    report = quantize_model(model, "int4", torch.bfloat16)
+    model, report = quantized_tiny_llama("int4")
     assert report.applied == "int4"
     assert not report.dense_copies
     assert all(m.dense is None for m in model.modules() if isinstance(m, Int4Linear))
@@ -289,9 +294,7 @@ def test_int4_mode_keeps_no_dense_copies(monkeypatch):
 
 def test_no_amx_no_dense_copies(monkeypatch):
     monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
-    model, _ = make_tiny_llama(seed=0)
-    snap_to_q4_1(model)
-    report = quantize_model(model, "auto", torch.bfloat16)
+    model, report = quantized_tiny_llama("auto")
     assert report.applied == "int4"
     assert not report.dense_copies
     assert "no AMX tiles" in report.dense_copies_reason
@@ -300,9 +303,7 @@ def test_no_amx_no_dense_copies(monkeypatch):
 def test_row_dependent_copies_are_dropped(monkeypatch):
     monkeypatch.setattr(quant, "amx_blocker", lambda: None)
     monkeypatch.setattr(quant, "batch_dependent_shape", lambda modules, **options: "64 x 64")
-    model, _ = make_tiny_llama(seed=0)
-    snap_to_q4_1(model)
-    report = quantize_model(model, "auto", torch.bfloat16)
+    model, report = quantized_tiny_llama("auto")
     assert report.applied == "int4"
     assert not report.dense_copies
     assert "rounds 64 x 64 rows differently" in report.dense_copies_reason
@@ -414,7 +415,7 @@ def test_long_and_short_prompts_prefill_apart(monkeypatch):
     assert widths[:2] == [(1, len(short)), (1, len(long))]  # two prefills, one per length class
 
 
-def test_concatenated_layers_compute_each_output_as_alone():
+def test_concatenate_matches_separate_layers():
     block = quant.packed_block()
     if block is None:
         pytest.skip("this torch packs 4-bit codes in a layout that layers cannot be fused in")
@@ -426,7 +427,8 @@ def test_concatenated_layers_compute_each_output_as_alone():
         layers.append(Int4Linear.from_linear(linear).to(torch.bfloat16))
         weights.append(linear)
     fused = Int4Linear.concatenate(layers)
-    assert fused.out_features == 4 * block and fused.dense is None
+    assert fused.out_features == 4 * block
+    assert fused.dense is None
     # Block by block, the packed codes are those of the concatenated weights.
     together = nn.Linear(96, 4 * block)
     together.weight.data.copy_(torch.cat([w.weight for w in weights]))
@@ -444,9 +446,7 @@ def test_concatenated_layers_compute_each_output_as_alone():
 def test_row_dependent_output_layer_stays_dense(monkeypatch):
     monkeypatch.setattr(quant, "amx_blocker", lambda: None)
     monkeypatch.setattr(quant, "rounds_rows_alike", lambda layer, rows=16: False)
-    model, _ = make_tiny_llama(seed=0)
-    snap_to_q4_1(model)
-    report = quantize_model(model, "auto", torch.bfloat16)
+    model, report = quantized_tiny_llama("auto")
     assert report.dense_copies
     assert not report.packed_output
     assert type(model.get_output_embeddings()) is nn.Linear

@@ -9,8 +9,11 @@ Every loop decodes greedily for exactly the same number of new tokens (end-of-se
 ignored). The model is loaded as the server loads it (`--dtype`, `--quantization`). The
 recompute loop runs on that model and on a dense copy, and the ratio takes the faster of
 the two. The 4-bit kernel speeds up one position at a time, but it is slower than dense
-matrix products over many positions, which is all the recompute loop does.
-Usage: python bench/decode.py [--tokens 128] [--recompute-tokens 256] [--dtype auto] [--quantization auto]
+matrix products over many positions, which is all the recompute loop does. The recompute
+runs in chunks between runs of the incremental loop, so that both sides of that ratio are
+measured over the same minutes.
+Usage: python bench/decode.py [--tokens 128] [--recompute-tokens 256] [--recompute-chunks 4]
+       [--dtype auto] [--quantization auto]
 """
 
 from __future__ import annotations
@@ -54,28 +57,48 @@ def bare_tokens_per_s(model, prompt_ids: list[int], tokens: int) -> float:
     return tokens / elapsed
 
 
-@torch.inference_mode()
-def recompute_tokens_per_s(model, handle, session: torch.Tensor, prompt_ids: list[int], turn_start: int,
-                           tokens: int) -> float:
-    """The original method: every new token runs the whole sequence, lattice included."""
-    ids = list(prompt_ids)
-    started = time.perf_counter()
-    for _ in range(tokens):
-        state = BridgeState(handle.bridge, session.unsqueeze(0), [turn_start])
-        with handle.activate(state):
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1]
-        ids.append(int(logits.argmax()))
-    return tokens / (time.perf_counter() - started)
+class Recompute:
+    """The original method: every new token runs the whole sequence, lattice included.
+
+    `run(tokens)` continues the same greedy sequence, so a reply can be timed in chunks.
+    """
+
+    def __init__(self, model, handle, session: torch.Tensor, prompt_ids: list[int], turn_start: int) -> None:
+        self.model, self.handle, self.session, self.turn_start = model, handle, session, turn_start
+        self.ids = list(prompt_ids)
+        self.seconds = 0.0
+        self.tokens = 0
+
+    @torch.inference_mode()
+    def run(self, tokens: int) -> None:
+        started = time.perf_counter()
+        for _ in range(tokens):
+            state = BridgeState(self.handle.bridge, self.session.unsqueeze(0), [self.turn_start])
+            with self.handle.activate(state):
+                logits = self.model(input_ids=torch.tensor([self.ids]), use_cache=False,
+                                    logits_to_keep=1).logits[0, -1]
+            self.ids.append(int(logits.argmax()))
+        self.seconds += time.perf_counter() - started
+        self.tokens += tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per loop (default 128)")
     parser.add_argument("--recompute-tokens", type=int, default=256, help="new tokens for the recompute ratio")
+    parser.add_argument("--recompute-chunks", type=int, default=4,
+                        help="chunks of the recompute reply, each between two incremental runs (default 4)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of each loop (default 5)")
     parser.add_argument("--dtype", default="auto", help="model dtype (default auto, as the server)")
     parser.add_argument("--quantization", default="auto", help="auto, none or int4 (default auto, as the server)")
     args = parser.parse_args(argv)
+    if not 1 <= args.recompute_chunks <= args.recompute_tokens:
+        parser.error(f"--recompute-chunks {args.recompute_chunks} must be between 1 and --recompute-tokens "
+                     f"({args.recompute_tokens})")
 
     loaded = load_model(None, dtype=args.dtype, quantization=args.quantization)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -118,22 +141,27 @@ def main(argv: list[str] | None = None) -> int:
             with_bridge.append(bridge_on())
     bridge_ratio = float(np.median([on / off for on, off in zip(with_bridge, without)]))
 
+    # One recompute of 256 tokens takes minutes, and a neighbour on a shared machine can
+    # slow memory-bound decoding for a while without slowing the compute-bound recompute
+    # as much. So the recompute runs in chunks of its reply, with a whole incremental run
+    # before and after each chunk, and the ratio takes the median of those runs.
     handle = attach_bridge(model, checkpoint.bridge)
-    incremental = float(np.median([
-        generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
-                               request(args.recompute_tokens, True)) for _ in range(3)]))
-    recompute_rows = [[f"full recompute per token (original), {loaded.quantization}", args.recompute_tokens,
-                       recompute_tokens_per_s(model, handle, session, prompt.ids, prompt.turn_start,
-                                              args.recompute_tokens)]]
-    handle.detach()
+    recomputes = {loaded.quantization: Recompute(model, handle, session, prompt.ids, prompt.turn_start)}
     if loaded.int4:
-        del model, handle
         dense = load_model(None, dtype=args.dtype, quantization="none").model
-        handle = attach_bridge(dense, checkpoint.bridge)
-        recompute_rows.append(["full recompute per token (original), dense weights", args.recompute_tokens,
-                               recompute_tokens_per_s(dense, handle, session, prompt.ids, prompt.turn_start,
-                                                      args.recompute_tokens)])
-        handle.detach()
+        recomputes["dense weights"] = Recompute(dense, attach_bridge(dense, checkpoint.bridge), session,
+                                                prompt.ids, prompt.turn_start)
+    chunk = -(-args.recompute_tokens // args.recompute_chunks)
+    incremental_runs = []
+    for index in range(args.recompute_chunks + 1):
+        incremental_runs.append(generator_tokens_per_s(Generator(model, tokenizer, handle, eos_token_ids=set()),
+                                                       request(args.recompute_tokens, True)))
+        if index < args.recompute_chunks:
+            for recompute in recomputes.values():
+                recompute.run(min(chunk, args.recompute_tokens - recompute.tokens))
+    incremental = float(np.median(incremental_runs))
+    recompute_rows = [[f"full recompute per token (original), {weights}", r.tokens, r.tokens_per_s]
+                      for weights, r in recomputes.items()]
     recompute = max(row[2] for row in recompute_rows)
 
     rows = [

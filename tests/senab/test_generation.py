@@ -152,6 +152,11 @@ def test_inverse_cdf_boundaries():
     assert inverse_cdf(probs, 1.0) == 4  # a product that rounds up to the whole sum
 
 
+def test_inverse_cdf_rejects_nan():
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        inverse_cdf(torch.tensor([0.5, float("nan")]), 0.3)
+
+
 def test_sampling_frequencies_follow_probabilities():
     probs = torch.tensor([0.05, 0.0, 0.1, 0.2, 0.0, 0.15, 0.3, 0.1, 0.1, 0.0])
     logits = torch.log(probs)

@@ -443,6 +443,7 @@ def test_concatenate_matches_separate_layers():
     assert Int4Linear.concatenate([layers[0], layers[1].to(torch.float32)]) is None
 
 
+@needs_bf16_packing
 def test_row_dependent_output_layer_stays_dense(monkeypatch):
     monkeypatch.setattr(quant, "amx_blocker", lambda: None)
     monkeypatch.setattr(quant, "rounds_rows_alike", lambda layer, rows=16: False)

@@ -318,6 +318,13 @@ class BridgeHandle:
         state.delta_k, state.delta_v = deltas[..., :width], deltas[..., width:]
 
         # Readout: accumulate the lattice over real positions at or after the turn start.
+        if valid is None and hidden.shape[1] == 1:
+            # A decode step: the same sums as below in fewer operations.
+            weights = (state.positions >= state.turn_starts).float()  # (B,)
+            state.positions = state.positions + 1
+            state.readout_sum = state.readout_sum + lattice[:, 0] * weights.unsqueeze(-1)
+            state.readout_count = state.readout_count + weights
+            return
         if valid is None:
             positions = state.positions.unsqueeze(1) + torch.arange(hidden.shape[1], device=hidden.device)
             in_turn = positions >= state.turn_starts.unsqueeze(1)  # (B, T)

@@ -82,35 +82,45 @@ class NCACell(nn.Module):
 
         For one new position the perception is a linear map of the w-wide window. The
         update's first layer and the gate are linear maps of the perception, so the three
-        compose into one matrix (mlp_hidden + 1, w*C) and bias. Rebuilt whenever a parameter
-        changes (an optimizer step or a load bumps its version).
+        compose into one matrix, returned transposed as (w*C, mlp_hidden + 1), and a bias.
+        Rebuilt whenever one of their parameters changes (an optimizer step or a load bumps
+        its version, and a replaced tensor has another data pointer).
         """
-        key = version_key(self.parameters())
+        sources = (self.perceive.weight, self.perceive.bias, self.update[0].weight, self.update[0].bias,
+                   self.gate.weight, self.gate.bias)
+        # Listed rather than read from `self.parameters()`, whose walk over the submodules
+        # took 50 us of every decode step's bridge.
+        key = version_key(sources)
         if self._fused is None or self._fused[0] != key:
             c, width = self.config.channels, self.config.kernel_width
             # Window index j*C + c is position j (oldest first), channel c.
             perceive = self.perceive.weight.permute(0, 2, 1).reshape(3 * c, width * c)
             first = torch.cat([self.update[0].weight, self.gate.weight])  # (H + 1, 3C)
             bias = torch.cat([self.update[0].bias, self.gate.bias]) + first @ self.perceive.bias
-            self._fused = (key, ((first @ perceive).contiguous(), bias))
+            self._fused = (key, ((first @ perceive).contiguous().t(), bias))
         return self._fused[1]
 
     def _grow_one(self, x: torch.Tensor, cache: NCACache) -> tuple[torch.Tensor, NCACache]:
         """`grow` for one new position per row, without padding or autograd: the decode step.
 
         Equal to the general path up to float rounding (the fused map sums in another order).
+        Its operations are spelled out, without module calls, because the bridge runs them at
+        every decode step and each call costs a few microseconds beyond its arithmetic.
         """
         weight, bias = self._fused_input_layers()
         hidden = self.config.mlp_hidden
         norm, second = self.update[1], self.update[3]
+        shape, norm_weight, norm_bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        # `nn.Linear` computes addmm(bias, input, weight.t()) for 2-D input, so this is the same product.
+        second_weight, second_bias = second.weight.t(), second.bias
         batch = x.shape[0]
         new_cache: NCACache = []
         for step in range(self.config.steps):
             window = torch.cat([cache[step], x], dim=1)  # (B, w, C)
             new_cache.append(window[:, 1:, :])
-            mixed = torch.addmm(bias, window.reshape(batch, -1), weight.t())  # (B, H + 1)
-            update = second(nn.functional.silu(nn.functional.layer_norm(
-                mixed[:, :hidden], norm.normalized_shape, norm.weight, norm.bias, norm.eps)))
+            mixed = torch.addmm(bias, window.view(batch, -1), weight)  # (B, H + 1)
+            normed = nn.functional.layer_norm(mixed[:, :hidden], shape, norm_weight, norm_bias, eps)
+            update = torch.addmm(second_bias, nn.functional.silu(normed), second_weight)
             x = torch.lerp(x, update.unsqueeze(1), torch.sigmoid(mixed[:, hidden:]).unsqueeze(1))
         return x, new_cache
 

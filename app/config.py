@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # OpenAI's defaults (1.0, 1.0) a 135M model drifts off topic within a few sentences.
     default_temperature: float = Field(
         0.2, ge=0, le=2, description="Temperature when a request sets none (0 is greedy).")
-    default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request sets none.")
+    default_top_p: float = Field(0.9, ge=0, le=1, description="top_p when a request sets none.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before new ones get 429.")
     max_batch_size: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batch.")

@@ -181,7 +181,10 @@ def install_error_handlers(app: FastAPI) -> None:
         elif param is None:
             message = f"Invalid request body: {first.get('msg')}. Send a JSON object with Content-Type: application/json."
         else:
-            message = f"Invalid value for '{param}': {first.get('msg')}."
+            message = f"Invalid value for '{param}': {first.get('msg')}"
+            if "input" in first and not isinstance(first["input"], (dict, list)):
+                message += f" (got {_shorten(repr(first['input']))})"
+            message += "."
             if len(errors) > 1:
                 message += f" ({len(errors) - 1} more error(s) in the request.)"
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"),
@@ -205,6 +208,10 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("request %s failed with an unexpected error", _request_id(request))
         return JSONResponse(error_body("Internal server error; see the server log.", "server_error",
                                        None, "internal_error"), status_code=500)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _request_id(request: Request) -> str:

@@ -48,8 +48,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"Invalid top_p {self.top_p}: use a value from 0 to 1 (0 keeps only the most likely token)")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         for name in ("presence_penalty", "frequency_penalty"):

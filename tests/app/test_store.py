@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -550,6 +552,35 @@ async def test_redis_store_recovers_after_restart(
         await store.close()
 
     assert "reachable again" in caplog.text
+
+
+async def test_redis_store_hung_server_times_out(redis_server_factory: Callable[[], RedisServer]) -> None:
+    """A Redis that hangs (SIGSTOP) raises StoreUnavailable within the timeout. After it
+    resumes, the next call reads the committed state, not a reply left on the socket."""
+    server = redis_server_factory()
+    store = RedisStateStore(server.url, prefix="senab-test-hung")
+    try:
+        assert await store.commit(TENANT, SESSION, expected_version=0, record=b"before") == 1
+
+        server.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.commit(TENANT, SESSION, expected_version=1, record=b"lost")
+            elapsed = time.monotonic() - started
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+        # The socket timeout (2 s) with one retry, and then some slack for a loaded machine.
+        assert elapsed < 15
+        loaded = await store.load(TENANT, SESSION)
+        assert loaded is not None
+        # The timed-out commit may have run once Redis resumed: either record is consistent.
+        assert (loaded.record, loaded.version) in {(b"before", 1), (b"lost", 2)}
+        assert await store.commit(TENANT, SESSION, expected_version=loaded.version, record=b"after") \
+            == loaded.version + 1
+    finally:
+        await store.close()
 
 
 async def test_redis_pooled_connection_survives_restart(

@@ -58,7 +58,7 @@ def bare_tokens_per_s(model, prompt_ids: list[int], tokens: int) -> float:
 
 
 class Recompute:
-    """The original method: every new token runs the whole sequence, lattice included.
+    """A loop of the original method, which runs the whole sequence, lattice included, for every new token.
 
     `run(tokens)` continues the same greedy sequence, so a reply can be timed in chunks.
     """

@@ -194,8 +194,9 @@ def inverse_cdf(probs: torch.Tensor, uniform: float) -> int:
     cumulative = torch.cumsum(probs, 0, dtype=torch.float64)
     total = float(cumulative[-1])
     if not math.isfinite(total) or total <= 0:
-        # torch.multinomial raised here too. NaN or infinite logits get this far.
-        raise ValueError(f"Invalid token probabilities (sum {total}): the logits contain NaN or infinity")
+        # NaN or infinite logits end up here, and torch.multinomial raised on them as well.
+        raise ValueError(f"Invalid token probabilities (sum {total}): the logits contain NaN or infinity; "
+                         "check the model's weights and dtype")
     # The first token whose cumulative sum exceeds the target. Tokens of probability 0 add
     # nothing to the sum, so the token before them exceeds it first.
     index = int(torch.searchsorted(cumulative, uniform * total, right=True))

@@ -183,6 +183,17 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generated: l
     return inverse_cdf(probs, float(torch.rand((), generator=generator, dtype=torch.float64)))
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Return the argmax of every row of (B, V) `logits`, the first index among equal maxima.
+
+    The same tokens as `sample_next_token` picks for greedy rows without penalties. `max`
+    in the logits' own dtype was the fastest way tried: for 16 rows of a 49K vocabulary in
+    bfloat16, 0.38 ms against 0.74 ms for `argmax` after a cast to float32 and 1.6 ms for
+    `argmax` in bfloat16 (2-core Xeon).
+    """
+    return logits.max(-1).indices.tolist()
+
+
 def inverse_cdf(probs: torch.Tensor, uniform: float) -> int:
     """Return the token whose share of the cumulative sum of `probs` (V,) contains `uniform` in [0, 1).
 
@@ -475,10 +486,9 @@ class DecodeBatch:
         next_tokens: list[int] = []
         keep: list[int] = []
         # Greedy rows without penalties take the argmax, found for all rows in one call. For
-        # 16 rows of a 49K vocabulary that took 0.86 ms against 1.9 ms row by row. In float32,
-        # because argmax over bfloat16 took 2.3x as long.
+        # 16 rows of a 49K vocabulary that took 0.86 ms against 1.9 ms row by row.
         plain = [_plain_greedy(row.params) for row in self.rows]
-        argmax = self.logits.float().argmax(-1).tolist() if any(plain) else None
+        argmax = greedy_tokens(self.logits) if any(plain) else None
         for position, row in enumerate(self.rows):
             token = argmax[position] if plain[position] else None
             output = g._advance(row, self.logits[position], should_cancel, token)

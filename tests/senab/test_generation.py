@@ -3,7 +3,7 @@ import torch
 
 from senab.generation import (
     GenerationRequest, Generator, IncrementalDetokenizer, SamplingParams, StopMatcher, contiguous_output_input,
-    inverse_cdf, sample_next_token,
+    greedy_tokens, inverse_cdf, sample_next_token,
 )
 from senab.prompt import build_prompt, conversation_digest
 from tests.helpers import make_tiny_llama, make_tiny_tokenizer
@@ -122,6 +122,19 @@ def test_mixed_sampling_rows_decode_as_alone(tiny):
     alone = [generator.generate([r])[0].token_ids for r in requests]
     assert [row.token_ids for row in generator.generate(requests)] == alone
     assert alone[0] != alone[1]  # the penalty changed that row's tokens, so it was applied per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_greedy_picks_what_a_row_alone_picks(dtype):
+    """Ties, -inf and rows of equal values: the batched pick is the per-row argmax, first index first."""
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0],
+                           [float("-inf"), 3.0, 1.0, 3.0],
+                           [1.0, 1.0, 1.0, 1.0],
+                           [-2.0, -3.0, -1.5, float("-inf")]], dtype=dtype)
+    logits = torch.cat([logits, torch.randn(60, 4).to(dtype).round()])  # many ties among small integers
+    alone = [sample_next_token(row, SamplingParams(temperature=0), [], None) for row in logits]
+    assert greedy_tokens(logits) == alone
+    assert alone[:4] == [1, 1, 0, 2]
 
 
 def test_top_k_one_equals_greedy(tiny):

@@ -125,8 +125,8 @@ def test_mixed_sampling_rows_decode_as_alone(tiny):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_greedy_picks_what_a_row_alone_picks(dtype):
-    """Ties, -inf and rows of equal values: the batched pick is the per-row argmax, first index first."""
+def test_batched_greedy_matches_row_alone(dtype):
+    """Among equal maxima the batched pick takes the first index, as a row alone does."""
     logits = torch.tensor([[0.5, 2.0, 2.0, -1.0],
                            [float("-inf"), 3.0, 1.0, 3.0],
                            [1.0, 1.0, 1.0, 1.0],

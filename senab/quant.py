@@ -35,7 +35,10 @@ the copy for larger steps and for prompts. The two round differently, so in this
 row's logits can change in the last bits when the batch crosses that size. The copy also
 rounds a row differently in calls of more than about 32 rows (on that machine), which
 a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
-In this mode the output layer is packed in bfloat16 too (`PackedOutputLayer`). Timed alone,
+Where the AMX 4-bit product builds (`senab.amx`), decode steps of `amx.MIN_ROWS` to
+`amx.MAX_ROWS` rows run on it instead of the kernel or the copy: it unpacks each weight once
+per call and multiplies up to 16 rows on AMX tiles. The copy then serves only prompts and
+steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too (`PackedOutputLayer`). Timed alone,
 its 49K x 576 product for one row took 1.9 ms against 3.7 ms for `F.linear` on the plain
 bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
 4.6 ms of 16 to 20.
@@ -52,6 +55,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from senab import amx
 from senab.packed import (
     PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, rounds_rows_alike,
 )
@@ -80,7 +84,7 @@ UNPACK_POSITIONS = 512
 # through `senab.fastdecode`, with q/k/v and gate/up fused (4-bit kernel / packed copy, ms).
 # They took 15.6 / 28.7 for 1 row, 27.4 / 41.4 for 4, 30.5 / 33.3 for 8, 37.7 / 33.9 for 10
 # and 47.6 / 37.5 for 16. Through transformers' forward call, without the fusion, the two
-# cost about the same at 6 rows.
+# cost about the same at 6 rows. Where the AMX product serves, it takes steps of 5 to 16 rows.
 INT4_MAX_ROWS = 8
 # Rows per block of the kernel's packed layout: 64 where torch 2.13 runs it with AVX-512,
 # 32 with AVX2. `packed_block` finds out which one this process uses.
@@ -171,10 +175,14 @@ class Int4Linear(nn.Module):
     """
 
     dense: PackedLinear | None
+    # Decode steps of `amx.MIN_ROWS` to `amx.MAX_ROWS` rows run on the AMX product (set by
+    # `quantize_model` where it serves), and the copy then serves only larger steps.
+    amx: bool
 
     def __init__(self, grid: GroupwiseGrid, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.dense = None
+        self.amx = False
         self.out_features, self.in_features = grid.codes.shape
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes, 1))
         # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
@@ -208,14 +216,19 @@ class Int4Linear(nn.Module):
         """Return the (rows, out) product of contiguous (rows, in) `flat` on the 4-bit kernel, bias added.
 
         `flat` must be in the dtype of `scales_and_zeros`. `forward` calls this for decode
-        steps, and `senab.fastdecode` calls it directly, skipping `forward`'s checks.
+        steps, and `senab.fastdecode` calls it directly, skipping `forward`'s checks. Runs
+        the AMX product where it serves this layer and the rows (see `amx`).
         """
-        out = _INT4_MM(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        if self.amx and amx.MIN_ROWS <= flat.shape[0] <= amx.MAX_ROWS and flat.dtype == torch.bfloat16 \
+                and self.scales_and_zeros.dtype == torch.bfloat16:
+            out = amx.int4_mm(flat, self.packed, self.scales_and_zeros)
+        else:
+            out = _INT4_MM(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
     def copy_serves(self, rows: int, positions: int) -> bool:
         """Return whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
-        return self.dense is not None and (positions > 1 or rows > INT4_MAX_ROWS)
+        return self.dense is not None and (positions > 1 or rows > (amx.MAX_ROWS if self.amx else INT4_MAX_ROWS))
 
     @classmethod
     def concatenate(cls, layers: Sequence[Int4Linear]) -> Int4Linear | None:
@@ -242,6 +255,7 @@ class Int4Linear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.dense = None
+        fused.amx = all(layer.amx for layer in layers)
         if first.dense is not None:
             bias = None if first.dense.bias is None else torch.cat([layer.dense.bias.detach() for layer in layers])
             weight = torch.cat([layer.dense.unpacked_weight() for layer in layers])
@@ -300,6 +314,8 @@ class QuantizationReport:
     dense_copies: bool = False  # int4 layers keep a packed bfloat16 copy for batches and prompts
     packed_output: bool = False  # the output layer runs packed in bfloat16 (with the copies)
     dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
+    amx_kernel: bool = False  # decode steps of 5 to 16 rows run on the AMX 4-bit product (with the copies)
+    amx_kernel_reason: str = ""  # why they do not, where the copies are kept
 
     def describe(self) -> str:
         if self.applied == "none":
@@ -308,7 +324,10 @@ class QuantizationReport:
             return f"dense float32 weights packed for oneDNN in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
         text = f"int4 weights in {self.layers} layers ({exactness})"
-        if self.dense_copies:
+        if self.dense_copies and self.amx_kernel:
+            text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
+                     f"{amx.MAX_ROWS} rows, and decode steps of {amx.MIN_ROWS} to {amx.MAX_ROWS} rows on AMX tiles")
+        elif self.dense_copies:
             text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
                      f"{INT4_MAX_ROWS} rows")
         if self.packed_output:
@@ -430,6 +449,16 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
                 return report
         report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
         report.dense_copies = not report.dense_copies_reason
+        if report.dense_copies:
+            report.amx_kernel_reason = (amx.amx_kernel_blocker()
+                                        or (None if packed_block() == amx.BLOCK else
+                                            f"this torch packs 4-bit weights in blocks of {packed_block()} outputs, "
+                                            f"not {amx.BLOCK}")
+                                        or "")
+            report.amx_kernel = not report.amx_kernel_reason
+            if report.amx_kernel_reason:
+                logger.info("decode steps of more than %d rows run on the bfloat16 copies: %s", INT4_MAX_ROWS,
+                            report.amx_kernel_reason)
 
     # Layer by layer, so that only one layer's codes exist at a time.
     errors: list[float] = []
@@ -439,6 +468,7 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         layer = Int4Linear(grid, module.bias)
         if report.dense_copies:
             layer.keep_dense_copy(module.weight)
+        layer.amx = report.amx_kernel and layer.out_features % amx.BLOCK == 0
         _set_module(model, name, layer)
         errors.append(grid.relative_error)
 

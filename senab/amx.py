@@ -8,33 +8,22 @@ unpacks each weight once per call into bfloat16 in L1 and multiplies up to 16 ro
 tiles: 6.4 to 8.8 ms for 1 to 16 rows in the same run. It reads the 4-bit layers' own
 codes, scales and zeros, so it adds no memory.
 
-The operator is compiled with the system's C++ compiler (`$CXX`, else `g++`) against the
-installed torch the first time a process asks for it, in about 6 s, and cached under
-`$SENAB_HOME/kernels` by a digest of the source, the flags and torch (`build`). A
-self-check against a float64 product then decides whether it serves. Where the CPU lacks
-AMX or AVX-512 BF16, no compiler works, or `SENAB_AMX_KERNEL=0`, it is not used and
-`amx_kernel_blocker` says why.
+`senab.native` compiles it at the first use. A self-check against a float64 product then
+decides whether it serves. Where the CPU lacks AMX or AVX-512 BF16, no compiler works, or
+`SENAB_NATIVE_KERNELS=0`, it is not used and `amx_kernel_blocker` says why.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from senab import native
 from senab.packed import cpu_flags
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_amx.cpp"
+SOURCE = "int4_amx.cpp"
 # Decode steps of this many rows run on the AMX product where it is built; fewer rows stay on
 # PyTorch's kernel. We timed steps of SmolLM2-135M with the bridge on a 2-core Xeon with a
 # 300 MB L3, without and with the AMX product (the copies served above 8 rows without it).
@@ -43,10 +32,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_amx.cpp"
 MIN_ROWS = 5
 MAX_ROWS = 16  # rows of an AMX tile
 BLOCK = 64  # outputs per block of PyTorch's 4-bit layout with AVX-512
-FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
+FLAGS = (*native.COMMON_FLAGS, "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+         "-mamx-tile", "-mamx-bf16")
 REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl", "avx512dq")
-BUILD_TIMEOUT_S = 300
 # The self-check's largest error allowed, relative to the largest output: each weight and
 # each output is rounded to bfloat16 (8 significant bits), so a few 2^-8 at most.
 _CHECK_TOLERANCE = 2e-2
@@ -55,6 +43,11 @@ _CHECK_TOLERANCE = 2e-2
 def amx_kernel_blocker() -> str | None:
     """Return why the AMX product cannot serve in this process, or None when it can (builds it on first use)."""
     return _load()
+
+
+def build() -> Path:
+    """Compile the operator unless it is cached, and return the library (for images built ahead)."""
+    return native.build(SOURCE, FLAGS)
 
 
 def int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -68,69 +61,10 @@ def int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Te
 
 @functools.cache
 def _load() -> str | None:
-    if os.environ.get("SENAB_AMX_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "SENAB_AMX_KERNEL turns it off"
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    try:
-        library = build()
-        torch.ops.load_library(str(library))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("the AMX 4-bit product is not used: %s", error)
-        return str(error)
-    return _self_check()
-
-
-def _compiler() -> str:
-    compiler = os.environ.get("CXX", "g++")
-    path = shutil.which(compiler)
-    if path is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} found to build it; install g++ or set CXX")
-    return path
-
-
-def library_path() -> Path:
-    """Return where the library for this source, these flags and this torch is cached."""
-    digest = hashlib.sha256(b"\0".join(part.encode() for part in (
-        SOURCE.read_text(), " ".join(FLAGS), torch.__version__, torch.__file__))).hexdigest()[:16]
-    from senab.models import senab_home  # here, because senab.models imports the modules that import this one
-
-    return senab_home() / "kernels" / f"senab_int4_amx-{digest}.so"
-
-
-def build() -> Path:
-    """Compile the operator unless it is cached, and return the library.
-
-    Compiling needs no AMX, so an image can be built on any x86 machine (the Dockerfile
-    does) and a server started from it finds the library without a compiler.
-    """
-    library = library_path()
-    if library.exists():
-        return library
-    compiler = _compiler()
-    library.parent.mkdir(parents=True, exist_ok=True)
-    from torch.utils import cpp_extension  # imports setuptools, so only when building
-
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    libraries = [argument for path in cpp_extension.library_paths() for argument in (f"-L{path}", f"-Wl,-rpath,{path}")]
-    # Built beside its final name and renamed, so that processes building at once never load half a file.
-    handle, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".so.partial")
-    os.close(handle)
-    command = [compiler, *FLAGS, *includes, str(SOURCE), "-o", partial, *libraries, "-ltorch_cpu", "-lc10"]
-    started = time.perf_counter()
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"building {SOURCE.name} with {compiler} failed (exit {result.returncode}): "
-                               + " | ".join(tail))
-        os.replace(partial, library)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    logger.info("built the AMX 4-bit product in %.1f s: %s", time.perf_counter() - started, library)
-    return library
+    return native.load(SOURCE, FLAGS) or _self_check()
 
 
 def _self_check() -> str | None:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from senab.nca import NCACache, NCACell, NCAConfig, version_key
+from senab.nca import NCACache, NCACell, NCAConfig, native_blocker, version_key
 from senab.state import Homeostasis
 
 logger = logging.getLogger(__name__)
@@ -381,6 +381,10 @@ def attach_bridge(model: nn.Module, bridge: Bridge) -> BridgeHandle:
             handle._restore.append((attention, attr, original))
 
     handle._hook = layers[config.first_layer].register_forward_pre_hook(handle._read_in, with_kwargs=True)
+    if device.type == "cpu":
+        problem = native_blocker()  # builds the automaton's compiled decode step now rather than at a first reply
+        if problem:
+            logger.info("the automaton's decode steps run as tensor operations: %s", problem)
     return handle
 
 

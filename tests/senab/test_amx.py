@@ -7,6 +7,7 @@ import torch
 
 import senab.amx as amx
 import senab.quant as quant
+from senab.native import NativeError
 from senab.quant import GroupwiseGrid, Int4Linear
 
 needs_amx = pytest.mark.skipif(amx.amx_kernel_blocker() is not None,
@@ -105,8 +106,9 @@ def test_float32_layer_stays_on_pytorch_kernel():
 
 
 def test_switched_off_by_environment(monkeypatch, fresh_load):
-    monkeypatch.setenv("SENAB_AMX_KERNEL", "0")
-    assert "SENAB_AMX_KERNEL" in amx.amx_kernel_blocker()
+    monkeypatch.setattr(amx, "cpu_flags", lambda: frozenset(amx.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("SENAB_NATIVE_KERNELS", "0")
+    assert "SENAB_NATIVE_KERNELS" in amx.amx_kernel_blocker()
 
 
 def test_cpu_without_amx_says_which_flags(monkeypatch, fresh_load):
@@ -117,14 +119,14 @@ def test_cpu_without_amx_says_which_flags(monkeypatch, fresh_load):
 def test_missing_compiler_named(monkeypatch, tmp_path):
     monkeypatch.setenv("SENAB_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "senab-no-such-compiler")
-    with pytest.raises(RuntimeError, match="no C.. compiler 'senab-no-such-compiler'"):
+    with pytest.raises(NativeError, match="no C.. compiler 'senab-no-such-compiler'"):
         amx.build()
 
 
 def test_failed_build_leaves_no_library(monkeypatch, tmp_path):
     monkeypatch.setenv("SENAB_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match=r"failed \(exit 1\)"):
+    with pytest.raises(NativeError, match=r"failed \(exit 1\)"):
         amx.build()
     assert list((tmp_path / "kernels").iterdir()) == []
 

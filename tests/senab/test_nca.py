@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import senab.nca as nca
 from senab.nca import NCACell, NCAConfig
 
 
@@ -86,3 +87,63 @@ def test_decode_step_follows_parameter_updates(cell):
     expected, _ = cell.grow(x)  # with autograd: the general path
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+
+
+needs_native = pytest.mark.skipif(nca.native_blocker() is not None,
+                                  reason=f"the compiled decode step does not serve here: {nca.native_blocker()}")
+
+
+def decode(cell: NCACell, x: torch.Tensor, positions: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill all but the last `positions` positions, then grow them one decode step at a time."""
+    with torch.no_grad():
+        cache = cell.grow(x[:, :-positions])[1] if positions < x.shape[1] else None
+        outputs = []
+        for t in range(x.shape[1] - positions, x.shape[1]):
+            out, cache = cell.grow(x[:, t:t + 1], cache)
+            outputs.append(out)
+    return torch.cat(outputs, dim=1), cache
+
+
+@needs_native
+@pytest.mark.parametrize("rows,width", [(1, 3), (9, 3), (16, 2), (4, 4)])
+def test_compiled_decode_step_equals_tensor_operations(monkeypatch, rows, width):
+    torch.manual_seed(rows)
+    cell = NCACell(NCAConfig(kernel_width=width)).eval()
+    x = torch.randn(rows, 10, 32)
+    compiled, compiled_cache = decode(cell, x, 4)
+    monkeypatch.setattr(nca, "native_blocker", lambda: "switched off by the test")
+    operations, operations_cache = decode(cell, x, 4)
+    torch.testing.assert_close(compiled, operations, atol=1e-5, rtol=0)
+    for a, b in zip(compiled_cache, operations_cache):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@needs_native
+def test_compiled_decode_step_row_alone_equals_in_batch(cell):
+    """From an empty cache every position is a decode step, so only the compiled step runs."""
+    x = torch.randn(12, 6, 32)
+    batch, _ = decode(cell, x, 6)
+    for row in (0, 5, 11):
+        alone, _ = decode(cell, x[row:row + 1], 6)
+        assert torch.equal(alone[0], batch[row])
+
+
+@needs_native
+def test_compiled_decode_step_rejects_float64():
+    cell = NCACell(NCAConfig()).eval()
+    weight, bias = cell._fused_input_layers()
+    norm, second = cell.update[1], cell.update[3]
+    cache = cell.empty_cache(2, device=torch.device("cpu"), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="invalid x .* pass a contiguous float32"):
+        torch.ops.senab_nca.nca_grow_one(torch.zeros(2, 1, 32, dtype=torch.float64), cache, weight.t(), bias,
+                                         norm.weight, norm.bias, norm.eps, second.weight, second.bias)
+
+
+def test_float64_cell_decodes_without_compiled_step():
+    """The compiled step takes float32 only; other dtypes keep the tensor operations."""
+    torch.manual_seed(0)
+    cell = NCACell(NCAConfig()).double().eval()
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    full, _ = cell.grow(x)
+    stepped, _ = decode(cell, x, 3)
+    torch.testing.assert_close(stepped, full[:, -3:], atol=1e-10, rtol=0)

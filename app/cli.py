@@ -21,7 +21,7 @@ SERVE_FLAGS: list[tuple[str, str, str]] = [
      "auto, none or int4 (default auto). On a CPU, auto takes 4-bit weights in bfloat16 where they are exact "
      "(with oneDNN-packed bfloat16 copies for batches where the CPU has AMX) and oneDNN-packed weights in "
      "float32. none keeps plain dense weights. int4 needs bfloat16 and keeps no copies"),
-    ("--home", "SENAB_HOME", "directory for pulled models (default ~/.cache/senab)"),
+    ("--home", "SENAB_HOME", "directory for pulled models and compiled operators (default ~/.cache/senab)"),
     ("--bridge", "SENAB_BRIDGE", "bridge checkpoint directory (default: the shipped or untrained one)"),
     ("--redis-url", "REDIS_URL", "Redis URL for session state (default: in-process memory)"),
     ("--log-level", "SENAB_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),

@@ -64,7 +64,12 @@ def _load() -> str | None:
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    return native.load(SOURCE, FLAGS) or _self_check()
+    from senab.quant import packed_block  # here, because senab.quant imports this module
+
+    block = packed_block()
+    if block != BLOCK:
+        return f"this torch packs 4-bit weights in blocks of {block} outputs, not {BLOCK}"
+    return native.load(SOURCE, FLAGS, "senab::int4_mm") or _self_check()
 
 
 def _self_check() -> str | None:
@@ -83,7 +88,7 @@ def _self_check() -> str | None:
     try:
         out = int4_mm(flat, packed, scales_and_zeros)
         alone = int4_mm(flat[3:4].contiguous(), packed, scales_and_zeros)
-    except RuntimeError as error:
+    except (RuntimeError, AttributeError) as error:
         return f"the AMX 4-bit product failed its self-check: {error}"
     expected = flat.double() @ weight.t()
     error = ((out.double() - expected).abs().max() / expected.abs().max()).item()

@@ -236,7 +236,7 @@ def _model_loader(args: argparse.Namespace):
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model (default SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--home", help="directory for pulled models (default ~/.cache/senab)")
+    parser.add_argument("--home", help="directory for pulled models and compiled operators (default ~/.cache/senab)")
 
 
 def _home(args: argparse.Namespace):
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True)
     pull = model_commands.add_parser("pull", help="download and convert a model (default SmolLM2-135M-Instruct)")
     pull.add_argument("name", nargs="?", default="SmolLM2-135M-Instruct", help="model name")
-    pull.add_argument("--home", help="directory for pulled models (default $SENAB_HOME or ~/.cache/senab)")
+    pull.add_argument("--home", help="directory for pulled models and compiled operators (default $SENAB_HOME or ~/.cache/senab)")
     pull.add_argument("--force", action="store_true", help="download and convert again even if present")
     pull.set_defaults(func=_pull)
 

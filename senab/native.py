@@ -1,7 +1,7 @@
 """Building and loading the C++ operators in `senab/csrc`.
 
 Each operator library is compiled with the system's C++ compiler (`$CXX`, else `g++`)
-against the installed torch the first time a process asks for it (about 6 s) and cached
+against the installed torch the first time a process needs it (about 6 s) and cached
 under `$SENAB_HOME/kernels` by a digest of its source, its flags and torch. Compiling needs
 no special CPU, so an image can be built on any x86 machine (the Dockerfile does) and a
 server started from it loads the library without a compiler. `SENAB_NATIVE_KERNELS=0`
@@ -10,10 +10,14 @@ keeps every compiled operator off, and the Python paths serve instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -49,61 +53,152 @@ def library_path(source: str, flags: tuple[str, ...]) -> Path:
     return senab_home() / "kernels" / f"senab_{Path(source).stem}-{digest}.so"
 
 
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_library_problem(library: Path) -> str | None:
+    """Return what is wrong with a cached library, or None when it is whole.
+
+    A library cut short (an interrupted copy of the cache, a full disk) can kill the process
+    with SIGBUS when it is loaded, so every library is checked against the SHA-256 written
+    beside it when it was built.
+    """
+    checksum = _checksum_path(library)
+    try:
+        expected = checksum.read_text().strip()
+        actual = _file_digest(library)
+    except OSError as error:
+        return f"cannot read {library} and its checksum: {error}"
+    if actual != expected:
+        return f"{library} does not match its checksum {checksum.name}: delete both to rebuild"
+    return None
+
+
+def _compiler() -> list[str]:
+    """Return the compiler command of `$CXX` (words allowed, as in "ccache g++"), else g++."""
+    words = shlex.split(os.environ.get("CXX", "g++"))
+    path = shutil.which(words[0]) if words else None
+    if path is None:
+        raise NativeError(f"no C++ compiler {os.environ.get('CXX', 'g++')!r} found; install g++ or set CXX")
+    return [path, *words[1:]]
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    """Delete half-built files that a killed build left, once they are older than any build could be."""
+    for partial in directory.glob("*.partial"):
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                partial.unlink()
+
+
 def build(source: str, flags: tuple[str, ...]) -> Path:
-    """Compile `source` with `flags` unless it is cached, and return the library. Raises NativeError."""
+    """Compile `source` with `flags` unless it is cached and whole, and return the library. Raises NativeError."""
     library = library_path(source, flags)
+    damaged = None
     if library.exists():
-        return library
-    compiler = os.environ.get("CXX", "g++")
-    compiler_path = shutil.which(compiler)
-    if compiler_path is None:
-        raise NativeError(f"no C++ compiler {compiler!r} found to build {source}; install g++ or set CXX")
+        damaged = cached_library_problem(library)
+        if damaged is None:
+            return library
+        logger.warning("building %s again: %s", source, damaged)
+    try:
+        compiler = _compiler()
+    except NativeError as error:
+        raise NativeError(f"{damaged}, and {error}" if damaged else str(error)) from None
     from torch.utils import cpp_extension  # imports setuptools, so only when building
 
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = [argument for path in cpp_extension.library_paths() for argument in (f"-L{path}", f"-Wl,-rpath,{path}")]
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(library.parent)
         # Built beside its final name and renamed, so that processes building at once never load half a file.
         handle, partial = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".so.partial")
     except OSError as error:
         raise NativeError(f"cannot write {library.parent} to build {source}: {error}") from error
     os.close(handle)
-    command = [compiler_path, *flags, *includes, str(CSRC / source), "-o", partial, *libraries, "-ltorch_cpu",
-               "-lc10"]
+    command = [*compiler, *flags, *includes, str(CSRC / source), "-o", partial, *libraries, "-ltorch_cpu", "-lc10"]
     started = time.perf_counter()
+    checksum_partial = partial + ".sha256"
     try:
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as error:
-            raise NativeError(f"building {source} with {compiler} failed: {error}") from error
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-            raise NativeError(f"building {source} with {compiler} failed (exit {result.returncode}): "
-                              + " | ".join(tail))
+        _run_compiler(command, source)
+        # Readable by every user, like the models: a cache built by one user may serve another.
+        os.chmod(partial, 0o755)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        Path(checksum_partial).write_text(_file_digest(Path(partial)) + "\n")
+        os.chmod(checksum_partial, 0o644)
         os.replace(partial, library)
+        os.replace(checksum_partial, _checksum_path(library))
+    except OSError as error:
+        raise NativeError(f"cannot write the library built from {source} to {library.parent}: {error}") from error
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in (partial, checksum_partial):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     logger.info("built %s in %.1f s: %s", source, time.perf_counter() - started, library)
     return library
 
 
+def _run_compiler(command: list[str], source: str) -> None:
+    """Run the compiler in its own process group, so that a timeout stops its subprocesses too."""
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    except OSError as error:
+        raise NativeError(f"building {source} with {command[0]} failed: {error}") from error
+    try:
+        stdout, stderr = process.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise NativeError(f"building {source} with {command[0]} timed out after {BUILD_TIMEOUT_S} s") from None
+    if process.returncode != 0:
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        raise NativeError(f"building {source} with {command[0]} failed (exit {process.returncode}): "
+                          + " | ".join(tail))
+
+
 def build_all() -> list[Path]:
-    """Compile every operator library unless cached (for images built ahead), and return their paths."""
+    """Compile every operator library that can run on this architecture (for images built ahead).
+
+    Returns their paths. The AMX product is x86-only.
+    """
     from senab import amx, nca  # here, because both import this module
 
-    return [build(amx.SOURCE, amx.FLAGS), build(nca.NATIVE_SOURCE, nca.NATIVE_FLAGS)]
+    sources = [(nca.NATIVE_SOURCE, nca.NATIVE_FLAGS)]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        sources.append((amx.SOURCE, amx.FLAGS))
+    return [build(source, flags) for source, flags in sources]
 
 
-def load(source: str, flags: tuple[str, ...]) -> str | None:
-    """Build (or find) and load the operators of `source`; return why they cannot serve, or None."""
+def load(source: str, flags: tuple[str, ...], operator: str) -> str | None:
+    """Build (or find) and load `source`, whose library defines `operator` ("namespace::name").
+
+    Returns why it cannot serve, or None.
+    """
     problem = switched_off()
     if problem:
         return problem
     try:
-        torch.ops.load_library(str(build(source, flags)))
-    except (NativeError, OSError, RuntimeError) as error:
-        logger.warning("the operators of %s are not used: %s", source, error)
-        return str(error)
+        library = build(source, flags)
+        torch.ops.load_library(str(library))
+        namespace, name = operator.split("::")
+        getattr(getattr(torch.ops, namespace), name)
+    except (NativeError, OSError, RuntimeError, AttributeError) as error:
+        reason = str(error)
+        if error.__cause__ is not None:
+            reason += f" ({error.__cause__})"
+        logger.warning("the operators of %s are not used: %s", source, reason)
+        return reason
+    logger.info("loaded %s from %s", operator, library)
     return None

@@ -117,7 +117,8 @@ class NCACell(nn.Module):
         hidden = self.config.mlp_hidden
         norm, second = self.update[1], self.update[3]
         if x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32 \
-                and norm.weight is not None and native_blocker() is None:
+                and norm.weight is not None and norm.bias is not None and len(cache) == self.config.steps \
+                and all(entry.dtype == torch.float32 for entry in cache) and native_blocker() is None:
             # One compiled call for all steps (senab/csrc/nca_step.cpp): for one row, 160 us
             # of small operations per decode step became 31 us (2-core Xeon).
             out, new_cache = torch.ops.senab_nca.nca_grow_one(
@@ -194,4 +195,4 @@ def native_blocker() -> str | None:
 
     `attach_bridge` asks at start-up, so that a first build (about 6 s) does not stall a reply.
     """
-    return native.load(NATIVE_SOURCE, NATIVE_FLAGS)
+    return native.load(NATIVE_SOURCE, NATIVE_FLAGS, "senab_nca::nca_grow_one")

@@ -450,11 +450,7 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
         report.dense_copies = not report.dense_copies_reason
         if report.dense_copies:
-            report.amx_kernel_reason = (amx.amx_kernel_blocker()
-                                        or (None if packed_block() == amx.BLOCK else
-                                            f"this torch packs 4-bit weights in blocks of {packed_block()} outputs, "
-                                            f"not {amx.BLOCK}")
-                                        or "")
+            report.amx_kernel_reason = amx.amx_kernel_blocker() or ""
             report.amx_kernel = not report.amx_kernel_reason
             if report.amx_kernel_reason:
                 logger.info("decode steps of more than %d rows run on the bfloat16 copies: %s", INT4_MAX_ROWS,

@@ -135,8 +135,10 @@ at::Tensor int4_mm(const at::Tensor& input, const at::Tensor& packed, const at::
   TORCH_CHECK(K % kGroup == 0 && scales_and_zeros.size(0) == K / kGroup,
               "senab::int4_mm: input size ", K, " does not match scales for ", scales_and_zeros.size(0) * kGroup);
   TORCH_CHECK(N % kBlock == 0, "senab::int4_mm: invalid output size ", N, "; it must be a multiple of ", kBlock);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2,
-              "senab::int4_mm: packed weights of ", packed.numel(), " bytes do not hold ", N, " x ", K, " codes");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "senab::int4_mm: invalid packed weights of dtype ",
+              packed.scalar_type(), "; pass the contiguous uint8 buffer of an Int4Linear");
+  TORCH_CHECK(packed.numel() == N * K / 2, "senab::int4_mm: packed weights of ", packed.numel(),
+              " bytes do not hold ", N, " x ", K, " codes");
 
   at::Tensor output = at::empty({M, N}, input.options());
   const auto* a = input.const_data_ptr<at::BFloat16>();

@@ -53,7 +53,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+#if defined(__x86_64__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void grow_row(const Weights& w, const float* const* cache_rows, float* const* new_cache_rows, const float* x_in,
               float* x_out, int64_t steps, float* scratch) {
   const int64_t C = w.channels, H = w.hidden, keep = w.width - 1, inputs = w.width * C;
@@ -83,10 +85,10 @@ void grow_row(const Weights& w, const float* const* cache_rows, float* const* ne
   for (int64_t c = 0; c < C; ++c) x_out[c] = x[c];
 }
 
-void check_float(const at::Tensor& tensor, const char* name, int64_t numel) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.numel() == numel,
-              "senab::nca_grow_one: invalid ", name, " of shape ", tensor.sizes(), " and dtype ",
-              tensor.scalar_type(), "; pass a contiguous float32 tensor of ", numel, " values");
+void check_shape(const at::Tensor& tensor, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.sizes() == shape,
+              "senab::nca_grow_one: invalid ", name, " of shape ", tensor.sizes(), " and dtype ", tensor.scalar_type(),
+              "; pass a contiguous float32 tensor of shape ", shape);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
@@ -95,17 +97,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
     const at::Tensor& second_bias) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "senab::nca_grow_one: invalid x of shape ", x.sizes(),
               "; pass (rows, 1, channels)");
-  const int64_t B = x.size(0), C = x.size(2), H = norm_weight.numel(), steps = static_cast<int64_t>(cache.size());
-  TORCH_CHECK(steps > 0, "senab::nca_grow_one: no cache entries, one per step expected");
-  const int64_t keep = cache[0].dim() == 3 ? cache[0].size(1) : -1, width = keep + 1;
-  check_float(x, "x", B * C);
-  for (const auto& entry : cache) check_float(entry, "cache entry", B * keep * C);
-  check_float(fused, "fused", (H + 1) * width * C);
-  check_float(bias, "bias", H + 1);
-  check_float(norm_weight, "norm_weight", H);
-  check_float(norm_bias, "norm_bias", H);
-  check_float(second, "second", C * H);
-  check_float(second_bias, "second_bias", C);
+  TORCH_CHECK(!cache.empty(), "senab::nca_grow_one: no cache entries; pass one per step");
+  TORCH_CHECK(cache[0].dim() == 3 && cache[0].size(1) >= 1, "senab::nca_grow_one: invalid cache entry of shape ",
+              cache[0].sizes(), "; pass (rows, kernel width - 1, channels)");
+  TORCH_CHECK(norm_weight.dim() == 1, "senab::nca_grow_one: invalid norm_weight of shape ", norm_weight.sizes(),
+              "; pass (hidden)");
+  const int64_t B = x.size(0), C = x.size(2), H = norm_weight.size(0), steps = static_cast<int64_t>(cache.size());
+  const int64_t keep = cache[0].size(1), width = keep + 1;
+  check_shape(x, "x", {B, 1, C});
+  for (const auto& entry : cache) check_shape(entry, "cache entry", {B, keep, C});
+  check_shape(fused, "fused", {H + 1, width * C});
+  check_shape(bias, "bias", {H + 1});
+  check_shape(norm_weight, "norm_weight", {H});
+  check_shape(norm_bias, "norm_bias", {H});
+  check_shape(second, "second", {C, H});
+  check_shape(second_bias, "second_bias", {C});
 
   const Weights w{fused.const_data_ptr<float>(), bias.const_data_ptr<float>(), norm_weight.const_data_ptr<float>(),
                   norm_bias.const_data_ptr<float>(), second.const_data_ptr<float>(),

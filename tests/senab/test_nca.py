@@ -139,6 +139,28 @@ def test_compiled_decode_step_rejects_float64():
                                          norm.weight, norm.bias, norm.eps, second.weight, second.bias)
 
 
+@needs_native
+@pytest.mark.parametrize("case", ["cache transposed", "caches differ", "fused transposed", "second transposed"])
+def test_compiled_decode_step_rejects_shapes(case):
+    """Shapes with the right number of values but the wrong layout are refused, not misread."""
+    cell = NCACell(NCAConfig()).eval()
+    weight, bias = cell._fused_input_layers()
+    norm, second = cell.update[1], cell.update[3]
+    fused, second_weight = weight.t().contiguous(), second.weight
+    cache = cell.empty_cache(2, device=torch.device("cpu"), dtype=torch.float32)
+    if case == "cache transposed":
+        cache = [entry.transpose(1, 2).contiguous() for entry in cache]
+    elif case == "caches differ":
+        cache[3] = torch.zeros(2, 1, 64)
+    elif case == "fused transposed":
+        fused = weight.contiguous()
+    else:
+        second_weight = second.weight.t().contiguous()
+    with pytest.raises(RuntimeError, match="invalid"):
+        torch.ops.senab_nca.nca_grow_one(torch.zeros(2, 1, 32), cache, fused, bias, norm.weight, norm.bias,
+                                         norm.eps, second_weight, second.bias)
+
+
 def test_float64_cell_decodes_without_compiled_step():
     """The compiled step takes float32 only; other dtypes keep the tensor operations."""
     torch.manual_seed(0)

@@ -38,9 +38,9 @@ a prefill of several prompts can be. "int4" keeps every product on the 4-bit ker
 Where the AMX 4-bit product builds (`senab.amx`), decode steps of `amx.MIN_ROWS` to
 `amx.MAX_ROWS` rows run on it instead of the kernel or the copy: it unpacks each weight once
 per call and multiplies up to 16 rows on AMX tiles. The copy then serves only prompts and
-steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too (`PackedOutputLayer`). Timed alone,
-its 49K x 576 product for one row took 1.9 ms against 3.7 ms for `F.linear` on the plain
-bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
+steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too
+(`PackedOutputLayer`). Timed alone, its 49K x 576 product for one row took 1.9 ms against
+3.7 ms for `F.linear` on the plain bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
 4.6 ms of 16 to 20.
 """
 
@@ -228,7 +228,8 @@ class Int4Linear(nn.Module):
 
     def copy_serves(self, rows: int, positions: int) -> bool:
         """Return whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
-        return self.dense is not None and (positions > 1 or rows > (amx.MAX_ROWS if self.amx else INT4_MAX_ROWS))
+        largest = amx.MAX_ROWS if self.amx else INT4_MAX_ROWS
+        return self.dense is not None and (positions > 1 or rows > largest)
 
     @classmethod
     def concatenate(cls, layers: Sequence[Int4Linear]) -> Int4Linear | None:

@@ -39,9 +39,12 @@ class NativeError(RuntimeError):
 
 def switched_off() -> str | None:
     """Return why compiled operators are off by the environment, or None when they may serve."""
-    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    value = os.environ.get(SWITCH, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return None
+    if value in ("0", "false", "no", "off"):
         return f"{SWITCH} turns compiled operators off"
-    return None
+    return f"invalid {SWITCH}={os.environ[SWITCH]!r} keeps compiled operators off; set it to 1 or 0"
 
 
 def library_path(source: str, flags: tuple[str, ...]) -> Path:
@@ -79,7 +82,7 @@ def cached_library_problem(library: Path) -> str | None:
     except OSError as error:
         return f"cannot read {library} and its checksum: {error}"
     if actual != expected:
-        return f"{library} does not match its checksum {checksum.name}: delete both to rebuild"
+        return f"{library} does not match its checksum {checksum.name}"
     return None
 
 
@@ -108,11 +111,16 @@ def build(source: str, flags: tuple[str, ...]) -> Path:
         damaged = cached_library_problem(library)
         if damaged is None:
             return library
-        logger.warning("building %s again: %s", source, damaged)
     try:
         compiler = _compiler()
     except NativeError as error:
-        raise NativeError(f"{damaged}, and {error}" if damaged else str(error)) from None
+        if damaged:
+            raise NativeError(f"{damaged}, and {error}; delete the library and its checksum, or install a "
+                              "compiler to build it again") from None
+        raise
+    if damaged:
+        logger.warning("building %s again: %s", source, damaged)
+    logger.info("compiling %s with %s (about 6 s, once per source and torch)", source, compiler[0])
     from torch.utils import cpp_extension  # imports setuptools, so only when building
 
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
@@ -196,7 +204,7 @@ def load(source: str, flags: tuple[str, ...], operator: str) -> str | None:
         getattr(getattr(torch.ops, namespace), name)
     except (NativeError, OSError, RuntimeError, AttributeError) as error:
         reason = str(error)
-        if error.__cause__ is not None:
+        if error.__cause__ is not None and str(error.__cause__) not in reason:
             reason += f" ({error.__cause__})"
         logger.warning("the operators of %s are not used: %s", source, reason)
         return reason

@@ -52,7 +52,7 @@ def test_truncated_library_without_compiler_says_both(csrc, monkeypatch):
     library = native.build(SOURCE, native.COMMON_FLAGS)
     os.truncate(library, 100)
     monkeypatch.setenv("CXX", "senab-no-such-compiler")
-    with pytest.raises(native.NativeError, match="does not match its checksum.*no C.. compiler"):
+    with pytest.raises(native.NativeError, match="does not match its checksum.*no C.. compiler.*delete the library"):
         native.build(SOURCE, native.COMMON_FLAGS)
 
 
@@ -99,3 +99,9 @@ def test_library_without_the_operator_is_not_used(csrc):
 def test_switch_keeps_operators_off(csrc, monkeypatch):
     monkeypatch.setenv("SENAB_NATIVE_KERNELS", "off")
     assert "SENAB_NATIVE_KERNELS" in native.load(SOURCE, native.COMMON_FLAGS, "senab_probe_namespace::missing")
+
+
+def test_unknown_switch_value_named(csrc, monkeypatch):
+    monkeypatch.setenv("SENAB_NATIVE_KERNELS", "maybe")
+    reason = native.load(SOURCE, native.COMMON_FLAGS, "senab_probe_namespace::missing")
+    assert "invalid SENAB_NATIVE_KERNELS='maybe'" in reason

@@ -1,7 +1,7 @@
 """Building and loading the C++ operators in `senab/csrc`.
 
 Each operator library is compiled with the system's C++ compiler (`$CXX`, else `g++`)
-against the installed torch the first time a process needs it (about 6 s) and cached
+against the installed torch the first time a process needs it, in about 6 s. It is cached
 under `$SENAB_HOME/kernels` by a digest of its source, its flags and torch. Compiling needs
 no special CPU, so an image can be built on any x86 machine (the Dockerfile does) and a
 server started from it loads the library without a compiler. `SENAB_NATIVE_KERNELS=0`

@@ -97,7 +97,7 @@ def _compiler() -> list[str]:
 
 def _remove_stale_partials(directory: Path) -> None:
     """Delete half-built files that a killed build left, once they are older than any build could be."""
-    for partial in directory.glob("*.partial"):
+    for partial in directory.glob("*.partial*"):
         with contextlib.suppress(OSError):
             if time.time() - partial.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
                 partial.unlink()

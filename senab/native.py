@@ -60,14 +60,6 @@ def _checksum_path(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_library_problem(library: Path) -> str | None:
     """Return what is wrong with a cached library, or None when it is whole.
 
@@ -75,10 +67,12 @@ def cached_library_problem(library: Path) -> str | None:
     with SIGBUS when it is loaded, so every library is checked against the SHA-256 written
     beside it when it was built.
     """
+    from senab.models import file_sha256  # here, because senab.models imports modules that import this one
+
     checksum = _checksum_path(library)
     try:
         expected = checksum.read_text().strip()
-        actual = _file_digest(library)
+        actual = file_sha256(library)
     except OSError as error:
         return f"cannot read {library} and its checksum: {error}"
     if actual != expected:
@@ -142,7 +136,9 @@ def build(source: str, flags: tuple[str, ...]) -> Path:
         os.chmod(partial, 0o755)
         with open(partial, "rb+") as handle:
             os.fsync(handle.fileno())
-        Path(checksum_partial).write_text(_file_digest(Path(partial)) + "\n")
+        from senab.models import file_sha256
+
+        Path(checksum_partial).write_text(file_sha256(Path(partial)) + "\n")
         os.chmod(checksum_partial, 0o644)
         os.replace(partial, library)
         os.replace(checksum_partial, _checksum_path(library))

@@ -23,7 +23,6 @@
 #include <torch/library.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace {
@@ -33,7 +32,7 @@ constexpr int64_t kGroup = 32;    // inputs per scale and zero, and per AMX tile
 constexpr int64_t kMaxRows = 16;  // rows of an AMX tile
 
 // Linux enables AMX tile data per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA). oneDNN asks too, and asking again is harmless.
+// XFEATURE_XTILEDATA). oneDNN requests it too, and a second request is harmless.
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 

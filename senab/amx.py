@@ -10,7 +10,7 @@ codes, scales and zeros, so it adds no memory.
 
 `senab.native` compiles it at the first use. A self-check against a float64 product then
 decides whether it serves. Where the CPU lacks AMX or AVX-512 BF16, no compiler works, or
-`SENAB_NATIVE_KERNELS=0`, it is not used and `amx_kernel_blocker` says why.
+`SENAB_NATIVE_KERNELS=0`, it is not used and `amx_kernel_blocker` returns the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ SOURCE = "int4_amx.cpp"
 # 300 MB L3, without and with the AMX product (the copies served above 8 rows without it).
 # They took 13.9 and 16.6 ms for 2 rows, 17.7 and 18.4 for 4, 24.0 and 18.8 for 8, and 30.3
 # and 24.3 for 16.
+# NOTE: measured on that machine kind only. A CPU whose L3 does not hold the 4-bit weights may
+# favour another threshold.
 MIN_ROWS = 5
 MAX_ROWS = 16  # rows of an AMX tile
 BLOCK = 64  # outputs per block of PyTorch's 4-bit layout with AVX-512

@@ -193,6 +193,6 @@ class NCACell(nn.Module):
 def native_blocker() -> str | None:
     """Return why the compiled decode step of the automaton cannot serve, or None when it can (builds it once).
 
-    `attach_bridge` asks at start-up, so that a first build (about 6 s) does not stall a reply.
+    `attach_bridge` calls this at start-up, so that a first build (about 6 s) does not stall a reply.
     """
     return native.load(NATIVE_SOURCE, NATIVE_FLAGS, "senab_nca::nca_grow_one")

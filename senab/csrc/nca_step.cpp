@@ -2,7 +2,7 @@
 //
 // `NCACell._grow_one` runs the same arithmetic as about 70 small tensor operations: 160 us
 // per decode step for one row on a 2-core Xeon, where a whole step takes about 10 ms. Here
-// it is one call (31 us). Float32 throughout; sums run in another order than PyTorch's
+// it is one call (31 us). It computes in float32 and sums in another order than PyTorch's
 // matrix products, so results equal the Python path up to float rounding.
 //
 // Per step s and row b, with the window W = [the row's last w - 1 inputs of step s, x]:
@@ -39,7 +39,7 @@ inline float lerp(float start, float end, float weight) {
 }
 
 // Sixteen running sums, one per lane, so that the compiler vectorizes the products without
-// reordering any single sum; the lanes are added at the end.
+// reordering any single sum. The lanes are added at the end.
 constexpr int64_t kLanes = 16;
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
   for (int64_t s = 0; s < steps; ++s) new_cache.push_back(at::empty({B, keep, C}, x.options()));
   const float* x_data = x.const_data_ptr<float>();
   float* out_data = out.mutable_data_ptr<float>();
-  // Rows are independent; a few rows do not pay for a parallel region.
+  // Rows are independent, and fewer than 8 rows do not pay for a parallel region.
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(width * C + H + 1 + C);
     std::vector<const float*> cache_rows(steps);

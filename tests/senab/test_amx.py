@@ -16,7 +16,7 @@ needs_amx = pytest.mark.skipif(amx.amx_kernel_blocker() is not None,
 
 @pytest.fixture
 def fresh_load():
-    """Let a test decide availability again, and restore the cached answer afterwards."""
+    """Let a test decide availability again, and restore the cached result afterwards."""
     amx._load.cache_clear()
     yield
     amx._load.cache_clear()
@@ -53,7 +53,7 @@ def test_amx_product_matches_float64(rows):
 
 
 @needs_amx
-def test_amx_product_row_alone_equals_in_batch():
+def test_amx_product_row_invariant():
     layer = random_layer(out_features=128, in_features=64)
     flat = torch.randn(16, layer.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     batch = amx.int4_mm(flat, layer.packed, layer.scales_and_zeros)
@@ -111,7 +111,7 @@ def test_switched_off_by_environment(monkeypatch, fresh_load):
     assert "SENAB_NATIVE_KERNELS" in amx.amx_kernel_blocker()
 
 
-def test_cpu_without_amx_says_which_flags(monkeypatch, fresh_load):
+def test_cpu_without_amx_names_flags(monkeypatch, fresh_load):
     monkeypatch.setattr(amx, "cpu_flags", lambda: frozenset({"avx2"}))
     assert "amx_tile" in amx.amx_kernel_blocker()
 

@@ -48,7 +48,7 @@ def test_truncated_library_is_built_again(csrc):
 
 
 @needs_compiler
-def test_truncated_library_without_compiler_says_both(csrc, monkeypatch):
+def test_truncated_library_without_compiler(csrc, monkeypatch):
     library = native.build(SOURCE, native.COMMON_FLAGS)
     os.truncate(library, 100)
     monkeypatch.setenv("CXX", "senab-no-such-compiler")
@@ -90,7 +90,7 @@ def test_old_partial_files_are_removed(csrc):
 
 
 @needs_compiler
-def test_library_without_the_operator_is_not_used(csrc):
+def test_library_missing_operator_unused(csrc):
     reason = native.load(SOURCE, native.COMMON_FLAGS, "senab_probe_namespace::missing")
     assert reason is not None
     assert "missing" in reason or "senab_probe_namespace" in reason

@@ -106,7 +106,7 @@ def decode(cell: NCACell, x: torch.Tensor, positions: int) -> tuple[torch.Tensor
 
 @needs_native
 @pytest.mark.parametrize("rows,width", [(1, 3), (9, 3), (16, 2), (4, 4)])
-def test_compiled_decode_step_equals_tensor_operations(monkeypatch, rows, width):
+def test_compiled_step_matches_tensor_path(monkeypatch, rows, width):
     torch.manual_seed(rows)
     cell = NCACell(NCAConfig(kernel_width=width)).eval()
     x = torch.randn(rows, 10, 32)
@@ -119,7 +119,7 @@ def test_compiled_decode_step_equals_tensor_operations(monkeypatch, rows, width)
 
 
 @needs_native
-def test_compiled_decode_step_row_alone_equals_in_batch(cell):
+def test_compiled_step_row_invariant(cell):
     """From an empty cache every position is a decode step, so only the compiled step runs."""
     x = torch.randn(12, 6, 32)
     batch, _ = decode(cell, x, 6)
@@ -129,7 +129,7 @@ def test_compiled_decode_step_row_alone_equals_in_batch(cell):
 
 
 @needs_native
-def test_compiled_decode_step_rejects_float64():
+def test_compiled_step_rejects_float64():
     cell = NCACell(NCAConfig()).eval()
     weight, bias = cell._fused_input_layers()
     norm, second = cell.update[1], cell.update[3]
@@ -141,8 +141,8 @@ def test_compiled_decode_step_rejects_float64():
 
 @needs_native
 @pytest.mark.parametrize("case", ["cache transposed", "caches differ", "fused transposed", "second transposed"])
-def test_compiled_decode_step_rejects_shapes(case):
-    """Shapes with the right number of values but the wrong layout are refused, not misread."""
+def test_compiled_step_rejects_shapes(case):
+    """Shapes with the right number of values but the wrong layout are rejected, not misread."""
     cell = NCACell(NCAConfig()).eval()
     weight, bias = cell._fused_input_layers()
     norm, second = cell.update[1], cell.update[3]
@@ -161,7 +161,7 @@ def test_compiled_decode_step_rejects_shapes(case):
                                          norm.eps, second_weight, second.bias)
 
 
-def test_float64_cell_decodes_without_compiled_step():
+def test_float64_cell_skips_compiled_step():
     """The compiled step takes float32 only; other dtypes keep the tensor operations."""
     torch.manual_seed(0)
     cell = NCACell(NCAConfig()).double().eval()

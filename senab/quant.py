@@ -35,10 +35,10 @@ the copy for larger steps and for prompts. The two round differently, so in this
 row's logits can change in the last bits when the batch crosses that size. The copy also
 rounds a row differently in calls of more than about 32 rows (on that machine), which
 a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
-Where the AMX 4-bit product builds (`senab.amx`), decode steps of `amx.MIN_ROWS` to
-`amx.MAX_ROWS` rows run on it instead of the kernel or the copy: it unpacks each weight once
-per call and multiplies up to 16 rows on AMX tiles. The copy then serves only prompts and
-steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too
+Where a 4-bit product for batches builds (`senab.int4_batch`: on AMX tiles, or on AVX-512
+BF16 without AMX), decode steps of its `min_rows` to `MAX_ROWS` rows run on it instead of
+the kernel or the copy: it unpacks each weight once per call and multiplies up to 16 rows.
+With copies, the copy then serves only prompts and steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too
 (`PackedOutputLayer`). Timed alone, its 49K x 576 product for one row took 1.9 ms against
 3.7 ms for `F.linear` on the plain bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
 4.6 ms of 16 to 20.
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,7 +56,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from senab import amx
+from senab import int4_batch
+from senab.int4_batch import BatchProduct
 from senab.packed import (
     PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, rounds_rows_alike,
 )
@@ -175,14 +177,14 @@ class Int4Linear(nn.Module):
     """
 
     dense: PackedLinear | None
-    # Decode steps of `amx.MIN_ROWS` to `amx.MAX_ROWS` rows run on the AMX product (set by
-    # `quantize_model` where it serves), and the copy then serves only larger steps.
-    amx: bool
+    # The calls `batch_product.serves` run on this product (set by `quantize_model` where one
+    # serves); the copy then serves only prompts and decode steps larger than the product takes.
+    batch_product: BatchProduct | None
 
     def __init__(self, grid: GroupwiseGrid, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.dense = None
-        self.amx = False
+        self.batch_product = None
         self.out_features, self.in_features = grid.codes.shape
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(grid.codes, 1))
         # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
@@ -203,32 +205,37 @@ class Int4Linear(nn.Module):
             return self.dense(x).to(scales.dtype)
         if flat.dtype != scales.dtype:
             flat = flat.to(scales.dtype)
-        block = packed_block() if positions >= UNPACK_POSITIONS else None
+        product = self.batch_product
+        on_product = product is not None and product.serves(flat.shape[0], positions)
+        block = packed_block() if positions >= UNPACK_POSITIONS and not on_product else None
         if block is not None and self.out_features % block == 0:
             out = nn.functional.linear(flat, self.unpack(block))
             if self.bias is not None:
                 out = out + self.bias
         else:
-            out = self.kernel(flat.contiguous())
+            out = self.kernel(flat.contiguous(), positions)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+    def kernel(self, flat: torch.Tensor, positions: int = 1) -> torch.Tensor:
         """Return the (rows, out) product of contiguous (rows, in) `flat` on the 4-bit kernel, bias added.
 
-        `flat` must be in the dtype of `scales_and_zeros`. `forward` calls this for decode
-        steps, and `senab.fastdecode` calls it directly, skipping `forward`'s checks. Runs
-        the AMX product where it serves this layer and the rows (see `amx`).
+        `flat` must be in the dtype of `scales_and_zeros`; its rows are `positions` per
+        sequence. `forward` calls this, and `senab.fastdecode` calls it directly for decode
+        steps, skipping `forward`'s checks. Runs the batch product where it serves this layer
+        and the call (see `batch_product`).
         """
-        if self.amx and amx.MIN_ROWS <= flat.shape[0] <= amx.MAX_ROWS and flat.dtype == torch.bfloat16 \
-                and self.scales_and_zeros.dtype == torch.bfloat16:
-            out = amx.int4_mm(flat, self.packed, self.scales_and_zeros)
+        product = self.batch_product
+        if product is not None and product.serves(flat.shape[0], positions) \
+                and flat.dtype == torch.bfloat16 and self.scales_and_zeros.dtype == torch.bfloat16:
+            out = product(flat, self.packed, self.scales_and_zeros)
         else:
             out = _INT4_MM(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
     def copy_serves(self, rows: int, positions: int) -> bool:
         """Return whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
-        largest = amx.MAX_ROWS if self.amx else INT4_MAX_ROWS
+        product = self.batch_product
+        largest = INT4_MAX_ROWS if product is None else product.max_rows or math.inf
         return self.dense is not None and (positions > 1 or rows > largest)
 
     @classmethod
@@ -256,7 +263,8 @@ class Int4Linear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.dense = None
-        fused.amx = all(layer.amx for layer in layers)
+        products = {layer.batch_product for layer in layers}
+        fused.batch_product = products.pop() if len(products) == 1 else None
         if first.dense is not None:
             bias = None if first.dense.bias is None else torch.cat([layer.dense.bias.detach() for layer in layers])
             weight = torch.cat([layer.dense.unpacked_weight() for layer in layers])
@@ -315,8 +323,8 @@ class QuantizationReport:
     dense_copies: bool = False  # int4 layers keep a packed bfloat16 copy for batches and prompts
     packed_output: bool = False  # the output layer runs packed in bfloat16 (with the copies)
     dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
-    amx_kernel: bool = False  # decode steps of 5 to 16 rows run on the AMX 4-bit product (with the copies)
-    amx_kernel_reason: str = ""  # why they do not, where the copies are kept
+    batch_product: str = ""  # the 4-bit product for decode batches in use (`senab.int4_batch`), if any
+    batch_product_reason: str = ""  # why none is, where int4 applies in auto mode
 
     def describe(self) -> str:
         if self.applied == "none":
@@ -325,12 +333,13 @@ class QuantizationReport:
             return f"dense float32 weights packed for oneDNN in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
         text = f"int4 weights in {self.layers} layers ({exactness})"
-        if self.dense_copies and self.amx_kernel:
-            text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
-                     f"{amx.MAX_ROWS} rows, and decode steps of {amx.MIN_ROWS} to {amx.MAX_ROWS} rows on AMX tiles")
-        elif self.dense_copies:
-            text += (f", with bfloat16 copies packed for oneDNN for prompts and decode steps of more than "
-                     f"{INT4_MAX_ROWS} rows")
+        product = next((product for product in int4_batch.PRODUCTS if product.name == self.batch_product), None)
+        if self.dense_copies:
+            largest = INT4_MAX_ROWS if product is None else product.max_rows
+            text += ", with bfloat16 copies packed for oneDNN for prompts"
+            text += f" and decode steps of more than {largest} rows" if largest else ""
+        if product is not None:
+            text += f", {product.describe()}"
         if self.packed_output:
             text += "; output layer packed in bfloat16"
         return text
@@ -450,12 +459,14 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
                 return report
         report.dense_copies_reason = _dense_copies_blocker([model.get_submodule(name) for name in names]) or ""
         report.dense_copies = not report.dense_copies_reason
-        if report.dense_copies:
-            report.amx_kernel_reason = amx.amx_kernel_blocker() or ""
-            report.amx_kernel = not report.amx_kernel_reason
-            if report.amx_kernel_reason:
-                logger.info("decode steps of more than %d rows run on the bfloat16 copies: %s", INT4_MAX_ROWS,
-                            report.amx_kernel_reason)
+        product, report.batch_product_reason = int4_batch.batch_product()
+        report.batch_product = product.name if product else ""
+        if product is None:
+            logger.info("decode steps of several rows run on %s: no 4-bit product for batches serves (%s)",
+                        "PyTorch's 4-bit kernel and the bfloat16 copies" if report.dense_copies
+                        else "PyTorch's 4-bit kernel", report.batch_product_reason)
+    else:
+        product = None
 
     # Layer by layer, so that only one layer's codes exist at a time.
     errors: list[float] = []
@@ -465,7 +476,8 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         layer = Int4Linear(grid, module.bias)
         if report.dense_copies:
             layer.keep_dense_copy(module.weight)
-        layer.amx = report.amx_kernel and layer.out_features % amx.BLOCK == 0
+        if product is not None and layer.out_features % int4_batch.BLOCK == 0:
+            layer.batch_product = product
         _set_module(model, name, layer)
         errors.append(grid.relative_error)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations import sdpa_attention
 
 import senab.packed as packed
 import senab.quant as quant
@@ -18,6 +21,17 @@ from tests.helpers import make_tiny_llama, make_tiny_tokenizer, randomize_write_
 from tests.senab.test_quant import snap_to_q4_1
 
 PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
+
+
+@pytest.fixture(autouse=True)
+def padded_attention_path(monkeypatch):
+    """Run the forward call's attention as for a padded batch, as the step does (see senab.fastdecode).
+
+    Without a mask transformers lets the kernel share key and value heads (`enable_gqa`),
+    which rounds differently; `test_lone_row_differs_only_by_gqa_rounding` covers that case.
+    """
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa",
+                        lambda mask, key, value: os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
 
 
 def generators(model, tokenizer, bridged: bool) -> tuple[Generator, Generator, BridgeHandle | None]:
@@ -209,6 +223,18 @@ def test_step_runs_layer_pre_hooks(with_kwargs, changes, monkeypatch):
     fast_logits = step_logits(fast, requests)
     assert len(calls) >= len(fast_logits)  # the prefill and every step
     assert_same_steps(fast_logits, step_logits(slow, requests))
+
+
+def test_lone_row_differs_only_by_gqa_rounding(monkeypatch):
+    """Transformers' own path for a batch without padding rounds differently, and only that."""
+    monkeypatch.undo()  # the forward call as transformers runs it
+    model, tokenizer = make_tiny_llama(seed=0)
+    fast, slow, _ = generators(model, tokenizer, bridged=False)
+    lone = requests_for(tokenizer, sessions=False)[1:2]
+    fast_logits, slow_logits = step_logits(fast, lone), step_logits(slow, lone)
+    assert len(fast_logits) == len(slow_logits) > 3
+    for a, b in zip(fast_logits, slow_logits):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_step_follows_forced_gqa(monkeypatch):

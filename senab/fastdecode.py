@@ -33,6 +33,7 @@ uses the model's forward call.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,8 +43,15 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama as llama
 
+from senab import native
 from senab.bridge import BridgedProjection
+from senab.packed import cpu_flags
 from senab.quant import Int4Linear
+
+
+ATTENTION_SOURCE = "decode_attention.cpp"
+ATTENTION_FLAGS = (*native.COMMON_FLAGS, "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+ATTENTION_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512vl")
 
 
 class LlamaDecodeStep:
@@ -58,6 +66,8 @@ class LlamaDecodeStep:
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
         # Hooks per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (any other).
         self._layer_hooks: list[str] = []
+        # Attention of bfloat16 steps runs on `senab/csrc/decode_attention.cpp` where it builds.
+        self.native_attention = attention_kernel_blocker() is None
         # Built now rather than at the first step, so that the memory is taken at start.
         self.refresh()
 
@@ -220,11 +230,53 @@ class LlamaDecodeStep:
                 # One query position: the heads of a group become its query positions. Also
                 # where transformers would pass `enable_gqa` (no mask): see the module's notes.
                 query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
-                                             scale=attention.scaling, is_causal=False, **options)
+        if self.native_attention and not options and _native_attention_takes(query, mask):
+            out = torch.ops.senab_attention.decode_attention(query, key, value, mask, attention.scaling)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
+                                                 scale=attention.scaling, is_causal=False, **options)
         # (B, heads, 1, D) to (B, 1, heads * D), moving the same values as transformers' reshapes.
         out = out.reshape(batch, -1, 1, value.shape[-1]).transpose(1, 2).reshape(batch, 1, -1)
         return _project(attention.o_proj, out)
+
+
+def _native_attention_takes(query: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Return whether the compiled attention takes this (B, heads, G, D) query and mask (its checks, in Python)."""
+    if query.dtype != torch.bfloat16 or query.shape[-1] % 32 or query.shape[-1] > 256 or query.shape[2] > 16:
+        return False
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
+                            and mask.shape[1] == mask.shape[2] == 1 and mask.stride(3) == 1)
+
+
+@functools.cache
+def attention_kernel_blocker() -> str | None:
+    """Return why the compiled attention for decode steps cannot serve here, or None when it can (builds it once).
+
+    It takes bfloat16 only, and needs AVX-512 BF16. A self-check against a float64
+    attention decides whether it serves.
+    """
+    missing = [flag for flag in ATTENTION_CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    problem = native.load(ATTENTION_SOURCE, ATTENTION_FLAGS, "senab_attention::decode_attention")
+    if problem:
+        return problem
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 2, 3, 64, generator=generator).to(torch.bfloat16)
+    key, value = (torch.randn(3, 2, 40, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., :7] = False
+    try:
+        out = torch.ops.senab_attention.decode_attention(query, key, value, mask, 0.125)
+    except RuntimeError as error:
+        return f"the compiled attention failed its self-check: {error}"
+    expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), attn_mask=mask,
+                                              scale=0.125)
+    # Each output rounded to bfloat16: half a step of 2^-8 relative, with outputs below 1.
+    error = (out.double() - expected).abs().max().item()
+    if not error <= 2 ** -7:
+        return f"the compiled attention is off by {error:.3g} in its self-check"
+    return None
 
 
 def _project(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations import sdpa_attention
 
+import senab.fastdecode as fastdecode
 import senab.packed as packed
 import senab.quant as quant
 from senab.bridge import BridgeHandle, attach_bridge, new_checkpoint
@@ -29,9 +30,89 @@ def padded_attention_path(monkeypatch):
 
     Without a mask transformers lets the kernel share key and value heads (`enable_gqa`),
     which rounds differently; `test_lone_row_differs_only_by_gqa_rounding` covers that case.
+    The compiled attention rounds differently too, so these tests keep PyTorch's; the
+    `test_native_attention_*` tests cover it.
     """
     monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa",
                         lambda mask, key, value: os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
+    monkeypatch.setattr(fastdecode, "attention_kernel_blocker", lambda: "kept off by the test")
+
+
+needs_native_attention = pytest.mark.skipif(
+    fastdecode.attention_kernel_blocker() is not None,
+    reason=f"the compiled attention does not serve here: {fastdecode.attention_kernel_blocker()}")
+
+
+def native_attention(query, key, value, mask, scale=0.125):
+    return torch.ops.senab_attention.decode_attention(query, key, value, mask, scale)
+
+
+@needs_native_attention
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_native_attention_matches_float64(rows):
+    """Against float64 attention, with key and value as views into a longer cache, masked and not."""
+    generator = torch.Generator().manual_seed(rows)
+    query = torch.randn(rows, 3, 3, 64, generator=generator).to(torch.bfloat16)
+    cache = torch.randn(2, rows, 3, 90, 64, generator=generator).to(torch.bfloat16)
+    key, value = cache[0, :, :, :70], cache[1, :, :, :70]
+    mask = torch.ones(rows, 1, 1, 70, dtype=torch.bool)
+    mask[0, ..., :9] = False
+    for attention_mask in (None, mask):
+        out = native_attention(query, key, value, attention_mask)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query.double(), key.double(), value.double(), attn_mask=attention_mask, scale=0.125)
+        assert out.dtype == torch.bfloat16 and out.shape == query.shape
+        # Half a bfloat16 step of outputs below 1, plus float32 sums.
+        assert (out.double() - expected).abs().max() <= 2 ** -8
+
+
+@needs_native_attention
+def test_native_attention_row_invariant_and_masked():
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(16, 3, 3, 64, generator=generator).to(torch.bfloat16)
+    key, value = (torch.randn(16, 3, 50, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(16, 1, 1, 50, dtype=torch.bool)
+    mask[4, ..., :20] = False
+    batch = native_attention(query, key, value, mask)
+    for row in (0, 4, 15):
+        alone = native_attention(query[row:row + 1], key[row:row + 1], value[row:row + 1], mask[row:row + 1])
+        assert torch.equal(alone[0], batch[row])
+    # Masked positions do not count, whatever they hold.
+    changed = key.clone()
+    changed[4, :, :20] = 100
+    assert torch.equal(native_attention(query, changed, value, mask)[4], batch[4])
+
+
+@needs_native_attention
+def test_native_attention_rejects_bad_input():
+    query = torch.zeros(2, 3, 3, 64, dtype=torch.bfloat16)
+    key = torch.zeros(2, 3, 10, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="pass bfloat16"):
+        native_attention(query.float(), key.float(), key.float(), None)
+    with pytest.raises(RuntimeError, match="do not match query"):
+        native_attention(query, key[:1], key[:1], None)
+    with pytest.raises(RuntimeError, match="invalid mask"):
+        native_attention(query, key, key, torch.ones(2, 1, 1, 9, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="unsupported head size 48"):
+        native_attention(query[..., :48], key[..., :48], key[..., :48], None)
+
+
+@needs_native_attention
+@pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
+def test_native_attention_step_close_to_forward_call(bridged, monkeypatch):
+    """With the compiled attention, a bfloat16 step differs from the forward call only by rounding."""
+    monkeypatch.setattr(fastdecode, "attention_kernel_blocker", lambda: None)
+    model, tokenizer = wide_tiny_llama()
+    model.to(torch.bfloat16)
+    fast, slow, _ = generators(model, tokenizer, bridged)
+    assert fast.decode_step.native_attention
+    requests = requests_for(tokenizer, sessions=bridged)
+    fast_logits = step_logits(fast, requests[:2], join=requests[2])
+    slow_logits = step_logits(slow, requests[:2], join=requests[2])
+    assert len(fast_logits) == len(slow_logits) > 3
+    assert not all(torch.equal(a, b) for a, b in zip(fast_logits, slow_logits))  # it did run
+    for a, b in zip(fast_logits, slow_logits):
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
 
 
 def generators(model, tokenizer, bridged: bool) -> tuple[Generator, Generator, BridgeHandle | None]:

@@ -19,7 +19,10 @@ SmolLM2-135M's shapes (2-core AMD EPYC: 450 against 100 us per layer for 16 rows
 positions, 65 against 15 us for one row), and rounds differently from the padded path: by up
 to 3e-7 in float32, and at some lengths in bfloat16. The step runs every batch as
 transformers runs a padded one, so a row's numbers do not depend on whether its batch is
-padded; `TRANSFORMERS_SDPA_FORCE_GQA=1` still selects `enable_gqa`. Hooks still run. The step runs a decoder layer's forward pre-hooks itself (the
+padded; `TRANSFORMERS_SDPA_FORCE_GQA=1` still selects `enable_gqa`. In bfloat16, where the
+CPU has AVX-512 BF16, the attention runs on a compiled kernel (`attention_kernel_blocker`),
+which rounds differently from PyTorch's; the bit-equality tests keep PyTorch's. Hooks still
+run. The step runs a decoder layer's forward pre-hooks itself (the
 bridge's read-in is one). A layer with any other hook, on it or on a module whose forward
 call the step replaces (its norms, attention, MLP and projections), runs through its own
 `__call__`. Hooks on the model send the whole step through the model's forward call. The

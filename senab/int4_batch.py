@@ -6,9 +6,9 @@ layers' codes, scales and zeros (they add no memory), unpack each weight once pe
 multiply up to 16 rows with it:
 
 - `AMX` (`senab/csrc/int4_amx.cpp`) unpacks into bfloat16 weights in L1 and multiplies on
-  AMX tiles. The 210 layers of SmolLM2-135M on a 2-core Xeon with a 300 MB L3 took 6.4 to
-  8.8 ms for 1 to 16 rows, against 4.5 and 27 ms for PyTorch's kernel at 1 and 16 rows and
-  13 to 15 ms for the packed bfloat16 copies.
+  AMX tiles. On a 2-core Xeon with a 300 MB L3 it took 6.4 to 8.8 ms for the 210 layers of
+  SmolLM2-135M at 1 to 16 rows. PyTorch's kernel took 4.5 ms at 1 row and 27 ms at 16, the
+  packed bfloat16 copies 13 to 15 ms.
 - `AVX512` (`senab/csrc/int4_avx512.cpp`), for CPUs with AVX-512 BF16 but no AMX, unpacks
   each code into the bfloat16 128 + q with two bit operations, multiplies with `vdpbf16ps`
   and applies each group's scale and zero after the group's sums. On a 2-core AMD EPYC

@@ -36,9 +36,10 @@ row's logits can change in the last bits when the batch crosses that size. The c
 rounds a row differently in calls of more than about 32 rows (on that machine), which
 a prefill of several prompts can be. "int4" keeps every product on the 4-bit kernel.
 Where a 4-bit product for batches builds (`senab.int4_batch`: on AMX tiles, or on AVX-512
-BF16 without AMX), decode steps of its `min_rows` to `MAX_ROWS` rows run on it instead of
-the kernel or the copy: it unpacks each weight once per call and multiplies up to 16 rows.
-With copies, the copy then serves only prompts and steps of more than 16 rows. In this mode the output layer is packed in bfloat16 too
+BF16 without AMX), the decode steps it takes (5 to 16 rows on AMX, 5 or more on AVX-512)
+run on it instead of the kernel or the copy: it unpacks each weight once per call for all
+rows. With copies, the copy then serves only prompts and steps of more than 16 rows.
+Without copies, prompts run on the AVX-512 product too, whatever their length. In this mode the output layer is packed in bfloat16 too
 (`PackedOutputLayer`). Timed alone, its 49K x 576 product for one row took 1.9 ms against
 3.7 ms for `F.linear` on the plain bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
 4.6 ms of 16 to 20.

@@ -12,7 +12,7 @@
 // of the weights would be, then products accumulate in float32 in AMX's order and the
 // output is rounded to bfloat16. A row's output does not depend on the other rows.
 //
-// Built by senab/amx.py with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16
+// Built by senab/int4_batch.py with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16
 // -mamx-tile -mamx-bf16; call it only where the CPU has AMX and AVX-512 BF16.
 
 #include <ATen/Parallel.h>

@@ -3,8 +3,8 @@
 // Reads the weights in the layout of torch's 4-bit CPU kernel with AVX-512 (see int4_amx.cpp:
 // blocks of 64 outputs, per input 32 bytes of low and high nibbles; scales and zeros
 // (K / 32, N, 2) in bfloat16, w = (q - 8) * scale + zero). torch's kernel unpacks the weights
-// again for every 4 rows; here each weight is unpacked once per tile of up to 64 rows and
-// all its rows are multiplied with `vdpbf16ps`.
+// again for every 4 rows. Here each weight is unpacked once per tile of up to 64 rows, and
+// `vdpbf16ps` multiplies it with all the tile's rows.
 //
 // The unpacking is two bit operations per weight: the bfloat16 with bits 0x4300 | q is
 // exactly 128 + q (bfloat16 has 7 fraction bits, so 1 is its step between 128 and 256). Per
@@ -16,8 +16,8 @@
 // A row's sums run in the same order whatever the other rows, so a row's output does not
 // depend on the batch. The output is rounded to bfloat16.
 //
-// Built by senab/int4_avx512.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16; call it
-// only where the CPU has AVX-512 BF16.
+// Built by senab/int4_batch.py with AVX-512 flags (BF16 among them); call it only where the
+// CPU has AVX-512 BF16.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

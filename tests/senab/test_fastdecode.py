@@ -61,7 +61,8 @@ def test_native_attention_matches_float64(rows):
         out = native_attention(query, key, value, attention_mask)
         expected = torch.nn.functional.scaled_dot_product_attention(
             query.double(), key.double(), value.double(), attn_mask=attention_mask, scale=0.125)
-        assert out.dtype == torch.bfloat16 and out.shape == query.shape
+        assert out.dtype == torch.bfloat16
+        assert out.shape == query.shape
         # Half a bfloat16 step of outputs below 1, plus float32 sums.
         assert (out.double() - expected).abs().max() <= 2 ** -8
 

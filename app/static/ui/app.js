@@ -6,7 +6,11 @@
 const $ = (id) => document.getElementById(id);
 const page = { sessionId: "", messages: [], points: [], watcher: null, busy: false };
 
+// Counts status changes, so that a slow model list does not overwrite a newer message.
+let statusChanges = 0;
+
 function setStatus(text, isError = false) {
+  statusChanges += 1;
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
@@ -331,13 +335,19 @@ function drawHeatmap() {
   });
 }
 
+// Each call lists the models with the current API key; only the latest call's answer counts.
+let modelLoads = 0;
+
 async function loadModels() {
+  const call = ++modelLoads;
+  const changesBefore = statusChanges;
   try {
     const models = await api("GET", "/v1/models");
+    if (call !== modelLoads) return;
     $("model").replaceChildren(...models.data.map((m) => new Option(m.id, m.id, false, m.id.endsWith("+senab"))));
-    setStatus("Ready. Messages to the +senab model move the session's state.");
+    if (statusChanges === changesBefore) setStatus("Ready. Messages to the +senab model move the session's state.");
   } catch (error) {
-    setStatus(`Could not list the models: ${error.message}`, true);
+    if (call === modelLoads) setStatus(`Could not list the models: ${error.message}`, true);
   }
 }
 

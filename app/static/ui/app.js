@@ -335,7 +335,7 @@ function drawHeatmap() {
   });
 }
 
-// Each call lists the models with the current API key; only the latest call's answer counts.
+// Each call lists the models with the current API key, and only the latest call's response is used.
 let modelLoads = 0;
 
 async function loadModels() {

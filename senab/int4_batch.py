@@ -2,8 +2,8 @@
 
 PyTorch's 4-bit CPU kernel unpacks the weights again for every 4 rows, so a decode step of
 16 rows costs it about 4 to 5 times one row. The two products here read the same 4-bit
-layers' codes, scales and zeros (they add no memory), unpack each weight once per call and
-multiply up to 16 rows with it:
+layers' codes, scales and zeros, so they add no memory. They unpack each weight once for
+many rows (16 on AMX tiles, 64 on AVX-512) and multiply all of them with it:
 
 - `AMX` (`senab/csrc/int4_amx.cpp`) unpacks into bfloat16 weights in L1 and multiplies on
   AMX tiles. On a 2-core Xeon with a 300 MB L3 it took 6.4 to 8.8 ms for the 210 layers of
@@ -12,9 +12,10 @@ multiply up to 16 rows with it:
 - `AVX512` (`senab/csrc/int4_avx512.cpp`), for CPUs with AVX-512 BF16 but no AMX, unpacks
   each code into the bfloat16 128 + q with two bit operations, multiplies with `vdpbf16ps`
   and applies each group's scale and zero after the group's sums. On a 2-core AMD EPYC
-  (Zen 4) it took 9.7 ms for 8 rows and 14.5 ms for 16, against 12.2 and 22.3 ms for
-  PyTorch's kernel in the same run; at 16 rows that is the rate at which the core retires
-  `vdpbf16ps` (1.76e9 per second measured alone).
+  (Zen 4) it took 8.1 ms for 8 rows and 13.3 ms for 16, against 11.5 and 21.5 ms for
+  PyTorch's kernel in the same run. At 16 rows that is about the rate at which the cores
+  retire `vdpbf16ps` (1.76e9 per second per core, measured alone). It takes any number of
+  rows, so it serves prompts too.
 
 `senab.native` compiles a product at its first use. A self-check against a float64 product
 and a row-invariance check then decide whether it serves. `batch_product` returns the first
@@ -52,8 +53,8 @@ class BatchProduct:
     flags: tuple[str, ...]
     cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags it needs
     operator: str  # "namespace::name" its library defines
-    # Decode steps of `min_rows` to `max_rows` rows (None: any more) run on the product; fewer
-    # rows stay on PyTorch's kernel, which is as fast or faster there (see each product's numbers).
+    # Decode steps of `min_rows` to `max_rows` rows (None: no limit) run on the product. Fewer
+    # rows stay on PyTorch's kernel, because it is as fast or faster there (see each product).
     min_rows: int
     max_rows: int | None
     prompts: bool  # calls of several positions per sequence (prompts) run on it too, whatever their rows
@@ -64,10 +65,12 @@ class BatchProduct:
             return self.prompts
         return self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
 
-    def describe(self) -> str:
+    def describe(self, with_prompts: bool = True) -> str:
+        """Return what runs on this product, for the start-up log; `with_prompts` False where copies take prompts."""
         steps = (f"decode steps of {self.min_rows} or more rows" if self.max_rows is None
                  else f"decode steps of {self.min_rows} to {self.max_rows} rows")
-        return f"{'prompts and ' if self.prompts else ''}{steps} on the {self.name} 4-bit product"
+        prompts = "prompts and " if self.prompts and with_prompts else ""
+        return f"{prompts}{steps} on the {self.name} 4-bit product"
 
     def blocker(self) -> str | None:
         """Return why this product cannot serve in this process, or None when it can (builds it on first use)."""
@@ -80,12 +83,17 @@ class BatchProduct:
     def __call__(self, flat: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
         """Return the (rows, N) bfloat16 product of contiguous bfloat16 (rows, K) `flat` with 4-bit weights.
 
-        `packed` and `scales_and_zeros` are an `Int4Linear`'s buffers; at least one row, and
-        at most `max_rows` where that is set.
-        Call `blocker` first: the operator exists only after it returned None.
+        `packed` and `scales_and_zeros` are an `Int4Linear`'s buffers. `flat` has at least one
+        row, and at most `max_rows` where that is set. Call `blocker` first: the operator
+        exists only after it returned None.
         """
+        return self._operator(flat, packed, scales_and_zeros)
+
+    @functools.cached_property
+    def _operator(self):
+        """The registered operator, looked up once rather than at each of a step's 120 calls."""
         namespace, name = self.operator.split("::")
-        return getattr(getattr(torch.ops, namespace), name)(flat, packed, scales_and_zeros)
+        return getattr(getattr(torch.ops, namespace), name)
 
 
 AMX = BatchProduct(
@@ -101,7 +109,10 @@ AMX = BatchProduct(
 AVX512 = BatchProduct(
     name="AVX-512 BF16", source="int4_avx512.cpp", flags=(*native.COMMON_FLAGS, "-fopenmp", *_AVX512_FLAGS),
     cpu_flags=_AVX512_CPU_FLAGS, operator="senab_avx512::int4_mm",
-    # TODO: measure paired steps by rows
+    # Paired steps of SmolLM2-135M with the bridge on a 2-core AMD EPYC (Zen 4), PyTorch's
+    # kernel and this product: 15.2 and 18.0 ms for 1 row (one row's sums form only 2
+    # dependent chains here), 16.3 and 16.8 for 2, 17.8 and 18.6 for 3, 19.4 and 19.2 for 4,
+    # and in another run 25.0 and 19.4 for 5.
     min_rows=5, max_rows=None, prompts=True)
 PRODUCTS = (AMX, AVX512)
 

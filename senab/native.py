@@ -2,7 +2,7 @@
 
 Each operator library is compiled with the system's C++ compiler (`$CXX`, else `g++`)
 against the installed torch the first time a process needs it, in about 6 s. It is cached
-under `$SENAB_HOME/kernels` by a digest of its source, its flags and torch. Compiling needs
+under `$SENAB_HOME/kernels` by a digest of its source, the headers beside it, its flags and torch. Compiling needs
 no special CPU, so an image can be built on any x86 machine (the Dockerfile does) and a
 server started from it loads the library without a compiler. `SENAB_NATIVE_KERNELS=0`
 keeps every compiled operator off, and the Python paths serve instead.
@@ -49,8 +49,10 @@ def switched_off() -> str | None:
 
 def library_path(source: str, flags: tuple[str, ...]) -> Path:
     """Return where the library built from `source` (a file in senab/csrc) with `flags` is cached."""
+    # Every header in csrc counts too: a source may include any of them.
+    headers = [header.read_text() for header in sorted(CSRC.glob("*.h"))]
     digest = hashlib.sha256(b"\0".join(part.encode() for part in (
-        (CSRC / source).read_text(), " ".join(flags), torch.__version__, torch.__file__))).hexdigest()[:16]
+        (CSRC / source).read_text(), *headers, " ".join(flags), torch.__version__, torch.__file__))).hexdigest()[:16]
     from senab.models import senab_home  # here, because senab.models imports modules that import this one
 
     return senab_home() / "kernels" / f"senab_{Path(source).stem}-{digest}.so"

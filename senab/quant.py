@@ -39,8 +39,8 @@ Where a 4-bit product for batches builds (`senab.int4_batch`: on AMX tiles, or o
 BF16 without AMX), the decode steps it takes (5 to 16 rows on AMX, 5 or more on AVX-512)
 run on it instead of the kernel or the copy: it unpacks each weight once per call for all
 rows. With copies, the copy then serves only prompts and steps of more than 16 rows.
-Without copies, prompts run on the AVX-512 product too, whatever their length. In this mode the output layer is packed in bfloat16 too
-(`PackedOutputLayer`). Timed alone, its 49K x 576 product for one row took 1.9 ms against
+Without copies, prompts run on the AVX-512 product too, whatever their length. With copies
+the output layer is packed in bfloat16 too (`PackedOutputLayer`). Timed alone, its 49K x 576 product for one row took 1.9 ms against
 3.7 ms for `F.linear` on the plain bfloat16 weight. Inside a decode step, which reads its 57 MB from memory, it took 3 to
 4.6 ms of 16 to 20.
 """
@@ -178,8 +178,8 @@ class Int4Linear(nn.Module):
     """
 
     dense: PackedLinear | None
-    # The calls `batch_product.serves` run on this product (set by `quantize_model` where one
-    # serves); the copy then serves only prompts and decode steps larger than the product takes.
+    # The product that runs the calls its `serves` accepts, set by `quantize_model` where one
+    # serves. The copy then serves only prompts and decode steps larger than the product takes.
     batch_product: BatchProduct | None
 
     def __init__(self, grid: GroupwiseGrid, bias: torch.Tensor | None) -> None:
@@ -340,7 +340,7 @@ class QuantizationReport:
             text += ", with bfloat16 copies packed for oneDNN for prompts"
             text += f" and decode steps of more than {largest} rows" if largest else ""
         if product is not None:
-            text += f", {product.describe()}"
+            text += f", {product.describe(with_prompts=not self.dense_copies)}"
         if self.packed_output:
             text += "; output layer packed in bfloat16"
         return text

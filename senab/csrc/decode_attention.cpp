@@ -87,8 +87,9 @@ void attend(const at::BFloat16* q, int64_t q_head_stride, const at::BFloat16* k,
   }
 }
 
-// q: (B, H, G, D); k, v: (B, H, S, D), each with its last dimension contiguous; mask: none or
-// boolean (B, 1, 1, S), true where a position is attended. Returns contiguous (B, H, G, D).
+// Returns the contiguous (B, H, G, D) attention of query q (B, H, G, D) over k and v (B, H, S, D).
+// Each has its last dimension contiguous. The mask is none or boolean (B, 1, 1, S), true
+// where a position is attended.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "senab_attention::decode_attention: invalid ranks ",

@@ -25,10 +25,12 @@
 
 #include <cstdint>
 
+#include "int4_layout.h"
+
 namespace {
 
-constexpr int64_t kBlock = 64;    // outputs per block of the packed layout
-constexpr int64_t kGroup = 32;    // inputs per scale and zero, and per AMX tile of bfloat16 inputs
+using senab_int4::kBlock;
+using senab_int4::kGroup;  // also the bfloat16 inputs of one AMX tile row
 constexpr int64_t kMaxRows = 16;  // rows of an AMX tile
 
 // Linux enables AMX tile data per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
@@ -77,12 +79,7 @@ void block_product(const at::BFloat16* input, const uint8_t* packed, const at::B
     // Scale and zero of each output in this group, as 32-bit (scale, zero) bfloat16 pairs.
     const auto* pairs = reinterpret_cast<const uint32_t*>(scales_and_zeros + ((k0 / kGroup) * N + block * kBlock) * 2);
     __m512 scale[4], offset[4];
-    for (int c = 0; c < 4; ++c) {
-      __m512i both = _mm512_loadu_si512(pairs + c * 16);
-      scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
-      __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-      offset[c] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[c], zero);  // zero - 8 * scale
-    }
+    for (int c = 0; c < 4; ++c) senab_int4::load_scales(pairs + c * 16, 8.0f, scale[c], offset[c]);
     for (int pair = 0; pair < 16; ++pair) {
       const uint8_t* row = codes + (k0 + 2 * pair) * (kBlock / 2);
       __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
@@ -122,22 +119,8 @@ void block_product(const at::BFloat16* input, const uint8_t* packed, const at::B
 at::Tensor int4_mm(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales_and_zeros) {
   static const bool tiles_enabled = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   TORCH_CHECK(tiles_enabled, "senab::int4_mm: the kernel did not enable AMX tiles for this process");
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.is_contiguous(),
-              "senab::int4_mm: invalid input of shape ", input.sizes(), " and dtype ", input.scalar_type(),
-              "; pass a contiguous 2-D bfloat16 tensor");
-  TORCH_CHECK(scales_and_zeros.dim() == 3 && scales_and_zeros.size(2) == 2 &&
-                  scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
-              "senab::int4_mm: invalid scales_and_zeros of shape ", scales_and_zeros.sizes(), " and dtype ",
-              scales_and_zeros.scalar_type(), "; pass contiguous bfloat16 (K / 32, N, 2)");
+  senab_int4::check_arguments("senab::int4_mm", input, packed, scales_and_zeros, kMaxRows);
   const int64_t M = input.size(0), K = input.size(1), N = scales_and_zeros.size(1);
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "senab::int4_mm: invalid ", M, " rows; pass 1 to ", kMaxRows);
-  TORCH_CHECK(K % kGroup == 0 && scales_and_zeros.size(0) == K / kGroup,
-              "senab::int4_mm: input size ", K, " does not match scales for ", scales_and_zeros.size(0) * kGroup);
-  TORCH_CHECK(N % kBlock == 0, "senab::int4_mm: invalid output size ", N, "; it must be a multiple of ", kBlock);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "senab::int4_mm: invalid packed weights of dtype ",
-              packed.scalar_type(), "; pass the contiguous uint8 buffer of an Int4Linear");
-  TORCH_CHECK(packed.numel() == N * K / 2, "senab::int4_mm: packed weights of ", packed.numel(),
-              " bytes do not hold ", N, " x ", K, " codes");
 
   at::Tensor output = at::empty({M, N}, input.options());
   const auto* a = input.const_data_ptr<at::BFloat16>();

@@ -1,9 +1,7 @@
 // A 4-bit matrix product on AVX-512 BF16, for CPUs without AMX: decode steps and prompts.
 //
-// Reads the weights in the layout of torch's 4-bit CPU kernel with AVX-512 (see int4_amx.cpp:
-// blocks of 64 outputs, per input 32 bytes of low and high nibbles; scales and zeros
-// (K / 32, N, 2) in bfloat16, w = (q - 8) * scale + zero). torch's kernel unpacks the weights
-// again for every 4 rows. Here each weight is unpacked once per tile of up to 64 rows, and
+// Reads the weights in the layout of torch's 4-bit CPU kernel with AVX-512 (int4_layout.h).
+// torch's kernel unpacks the weights again for every 4 rows. Here each weight is unpacked once per tile of up to 64 rows, and
 // `vdpbf16ps` multiplies it with all the tile's rows.
 //
 // The unpacking is two bit operations per weight: the bfloat16 with bits 0x4300 | q is
@@ -11,8 +9,9 @@
 // group g of 32 inputs, row r and output n the product is then
 //   y[r][n] += scale * S + (zero - 136 * scale) * X,  S = sum_k x[r][k] * (128 + q[n][k]),  X = sum_k x[r][k]
 // since (q - 8) * scale + zero = (128 + q) * scale + zero - 136 * scale. Each x * (128 + q)
-// is exact in float32 (8 by 8 significant bits); the sums round in float32, which loses
-// about 5 of float32's 24 bits to the offset of 128 and stays far below bfloat16's rounding.
+// is exact in float32 (8 by 8 significant bits). The sums round in float32, and the offset
+// of 128 costs about 4 of float32's 24 bits (an estimate: 143 / 8 is about 2^4), far below
+// bfloat16's rounding.
 // A row's sums run in the same order whatever the other rows, so a row's output does not
 // depend on the batch. The output is rounded to bfloat16.
 //
@@ -29,10 +28,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "int4_layout.h"
+
 namespace {
 
-constexpr int64_t kBlock = 64;    // outputs per block of the packed layout
-constexpr int64_t kGroup = 32;    // inputs per scale and zero
+using senab_int4::kBlock;
+using senab_int4::kGroup;
 constexpr int64_t kPairs = kGroup / 2;
 constexpr int64_t kTile = 64;     // rows per tile: each tile reads all weights once, and its inputs stay in L2
 constexpr int kChunk = 12;        // rows per pass: 12 x 2 accumulators of 16 outputs in registers
@@ -110,24 +111,8 @@ void input_group_sums(const at::BFloat16* input, int64_t M, int64_t K, float* gr
 }
 
 at::Tensor int4_mm(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales_and_zeros) {
-  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16 && input.is_contiguous(),
-              "senab_avx512::int4_mm: invalid input of shape ", input.sizes(), " and dtype ", input.scalar_type(),
-              "; pass a contiguous 2-D bfloat16 tensor");
-  TORCH_CHECK(scales_and_zeros.dim() == 3 && scales_and_zeros.size(2) == 2 &&
-                  scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
-              "senab_avx512::int4_mm: invalid scales_and_zeros of shape ", scales_and_zeros.sizes(), " and dtype ",
-              scales_and_zeros.scalar_type(), "; pass contiguous bfloat16 (K / 32, N, 2)");
+  senab_int4::check_arguments("senab_avx512::int4_mm", input, packed, scales_and_zeros, 0);
   const int64_t M = input.size(0), K = input.size(1), N = scales_and_zeros.size(1);
-  TORCH_CHECK(M >= 1, "senab_avx512::int4_mm: invalid input of 0 rows; pass at least one");
-  TORCH_CHECK(K % kGroup == 0 && scales_and_zeros.size(0) == K / kGroup, "senab_avx512::int4_mm: input size ", K,
-              " does not match scales for ", scales_and_zeros.size(0) * kGroup);
-  TORCH_CHECK(N % kBlock == 0, "senab_avx512::int4_mm: invalid output size ", N, "; it must be a multiple of ",
-              kBlock);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "senab_avx512::int4_mm: invalid packed weights of dtype ", packed.scalar_type(),
-              "; pass the contiguous uint8 buffer of an Int4Linear");
-  TORCH_CHECK(packed.numel() == N * K / 2, "senab_avx512::int4_mm: packed weights of ", packed.numel(),
-              " bytes do not hold ", N, " x ", K, " codes");
 
   at::Tensor output = at::empty({M, N}, input.options());
   const auto* a = input.const_data_ptr<at::BFloat16>();
@@ -166,13 +151,7 @@ at::Tensor int4_mm(const at::Tensor& input, const at::Tensor& packed, const at::
           // (scale, zero) bfloat16 pairs of the two sets of 16 outputs.
           const auto* pairs = reinterpret_cast<const uint32_t*>(sz + (g * N + block * kBlock + 16 * half) * 2);
           __m512 scale[2], offset[2];
-          for (int c = 0; c < 2; ++c) {
-            const __m512i both = _mm512_loadu_si512(pairs + 32 * c);
-            scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
-            const __m512 zero =
-                _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-            offset[c] = _mm512_fnmadd_ps(_mm512_set1_ps(kOffset), scale[c], zero);  // zero - 136 * scale
-          }
+          for (int c = 0; c < 2; ++c) senab_int4::load_scales(pairs + 32 * c, kOffset, scale[c], offset[c]);
           int64_t row0 = 0;
           for (int64_t i = 0; i < passes; ++i) {
             kGroupRows[pass_rows[i]](tile_input, K, row0, k0, weights, scale, offset, totals + g * M + tile0, sums);

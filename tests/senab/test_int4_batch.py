@@ -144,12 +144,17 @@ def test_float32_layer_stays_on_pytorch_kernel(product):
 
 def test_product_serves_by_rows_and_positions():
     assert not AMX.serves(AMX.min_rows - 1, 1)
-    assert AMX.serves(AMX.min_rows, 1) and AMX.serves(16, 1)
-    assert not AMX.serves(17, 1) and not AMX.serves(8, 2)
-    assert AVX512.serves(1000, 1) and AVX512.serves(1, 2)
+    assert AMX.serves(AMX.min_rows, 1)
+    assert AMX.serves(16, 1)
+    assert not AMX.serves(17, 1)
+    assert not AMX.serves(8, 2)
+    assert AVX512.serves(1000, 1)
+    assert AVX512.serves(1, 2)
     assert not AVX512.serves(AVX512.min_rows - 1, 1)
     assert AMX.describe() == "decode steps of 5 to 16 rows on the AMX 4-bit product"
     assert AVX512.describe() == "prompts and decode steps of 5 or more rows on the AVX-512 BF16 4-bit product"
+    # Where bfloat16 copies take the prompts, the log line does not claim them for the product.
+    assert AVX512.describe(with_prompts=False) == "decode steps of 5 or more rows on the AVX-512 BF16 4-bit product"
 
 
 @pytest.mark.parametrize("product", PRODUCTS, ids=lambda product: product.name)
@@ -165,7 +170,8 @@ def test_cpu_without_flags_names_them(monkeypatch, fresh_load):
     assert "avx512_bf16" in AVX512.blocker()
     product, reason = int4_batch.batch_product()
     assert product is None
-    assert reason.startswith("AMX: the CPU lacks amx_tile") and "AVX-512 BF16: the CPU lacks avx512_bf16" in reason
+    assert reason.startswith("AMX: the CPU lacks amx_tile")
+    assert "AVX-512 BF16: the CPU lacks avx512_bf16" in reason
 
 
 def test_first_serving_product_wins(fresh_load, monkeypatch):
@@ -201,8 +207,8 @@ def test_failed_build_falls_back(product, monkeypatch, tmp_path, fresh_load):
     assert "failed (exit 1)" in product.blocker()
 
 
-def test_self_check_refuses_a_wrong_product(monkeypatch, fresh_load):
-    """A product that computes something else is not used, and the reason says by how much."""
+def test_self_check_rejects_wrong_product(monkeypatch, fresh_load):
+    """A product that computes something else is not used, and the reason gives how far off it is."""
     wrong = dataclasses.replace(AVX512, name="wrong", operator="aten::zeros_like")
     monkeypatch.setattr(BatchProduct, "__call__", lambda self, flat, packed, scales: torch.zeros(
         flat.shape[0], 2 * int4_batch.BLOCK, dtype=torch.bfloat16))

@@ -29,6 +29,18 @@ needs_compiler = pytest.mark.skipif(native.shutil.which("g++") is None, reason="
 
 
 @needs_compiler
+def test_header_change_builds_again(csrc):
+    """A library is cached by the headers it may include too, so changing one builds it again."""
+    (csrc / "probe.h").write_text("constexpr int kProbe = 7;\n")
+    (csrc / SOURCE).write_text('#include "probe.h"\nextern "C" int senab_probe() { return kProbe; }\n')
+    first = native.build(SOURCE, native.COMMON_FLAGS)
+    (csrc / "probe.h").write_text("constexpr int kProbe = 8;\n")
+    second = native.build(SOURCE, native.COMMON_FLAGS)
+    assert second != first
+    assert second.exists()
+
+
+@needs_compiler
 def test_library_is_readable_and_checksummed(csrc):
     library = native.build(SOURCE, native.COMMON_FLAGS)
     assert stat.S_IMODE(library.stat().st_mode) == 0o755

@@ -35,33 +35,53 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from senab import native
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+LAYOUTS = ("mkldnn", "panels")
+PANEL = 16  # outputs per panel of `senab/csrc/f32_avx2.cpp`
+PANEL_SOURCE = "f32_avx2.cpp"
+PANEL_FLAGS = (*native.COMMON_FLAGS, "-fopenmp", "-mavx2", "-mfma")
+PANEL_CPU_FLAGS = ("avx2", "fma")
 
 
 class PackedLinear(nn.Module):
-    """A frozen linear layer whose weight is stored in oneDNN's blocked layout.
+    """A frozen linear layer whose weight is stored in a layout for a faster CPU product.
 
-    The packed weight is a plain attribute, not a buffer, because a tensor in the mkldnn
-    layout cannot be cast, saved or moved like a dense one. It keeps the dtype it was packed
-    in (float32 or bfloat16) and stays on the CPU; inputs are cast to that dtype. So a packed
-    model is for inference only: `state_dict()` leaves the packed weights out, deepcopy and
-    pickling raise, `.to(dtype)` leaves these layers in their dtype, and no gradient flows
-    through them.
+    `layout` "mkldnn" is oneDNN's blocked layout, in float32 or bfloat16. "panels" (float32
+    only, output size a multiple of `PANEL`) is the layout of the compiled AVX2 product,
+    where `panel_blocker` returns None. The packed weight is a plain attribute, not a
+    buffer, because a tensor in the mkldnn layout cannot be cast, saved or moved like a
+    dense one. It keeps the dtype it was packed in and stays on the CPU; inputs are cast to
+    that dtype. So a packed model is for inference only: `state_dict()` leaves the packed
+    weights out, deepcopy and pickling raise, `.to(dtype)` leaves these layers in their
+    dtype, and no gradient flows through them.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                 layout: str = "mkldnn") -> None:
         super().__init__()
         if dtype not in PACKED_DTYPES:
             raise ValueError(f"Invalid dtype {dtype} for packed weights: use torch.float32 or torch.bfloat16")
+        if layout not in LAYOUTS:
+            raise ValueError(f"Invalid layout {layout!r} for packed weights: use one of {', '.join(LAYOUTS)}")
         self.out_features, self.in_features = weight.shape
+        if layout == "panels" and (dtype != torch.float32 or self.out_features % PANEL):
+            raise ValueError(f"Invalid panels layout for a {self.out_features} x {self.in_features} weight in "
+                             f"{dtype}: it takes float32 weights whose output size is a multiple of {PANEL}; "
+                             "use layout mkldnn")
         self.dtype = dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
+        self.layout = layout
+        weight = weight.detach().to(dtype)
+        if layout == "panels":
+            self.packed = weight.reshape(-1, PANEL, self.in_features).transpose(1, 2).contiguous()
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, dtype: torch.dtype = torch.float32) -> PackedLinear:
-        return cls(module.weight, module.bias, dtype)
+    def from_linear(cls, module: nn.Linear, dtype: torch.dtype = torch.float32, layout: str = "mkldnn") -> PackedLinear:
+        return cls(module.weight, module.bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -69,14 +89,20 @@ class PackedLinear(nn.Module):
             flat = flat.to(self.dtype)
         # `.to(dtype)` on the model casts the bias with the rest; the product takes one dtype.
         bias = self.bias if self.bias is None or self.bias.dtype == self.dtype else self.bias.to(self.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
+        if self.layout == "panels":
+            out = torch.ops.senab_avx2.f32_mm(flat.contiguous(), self.packed, bias)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def unpacked_weight(self) -> torch.Tensor:
-        """Return the (out, in) weight in the packed dtype, read back through a product with the identity.
+        """Return the (out, in) weight in the packed dtype, exactly.
 
-        Each output of that product is one weight times 1 plus zeros, so it is the weight exactly.
+        From panels by reshaping; from oneDNN's layout through a product with the identity,
+        each of whose outputs is one weight times 1 plus zeros.
         """
+        if self.layout == "panels":
+            return self.packed.transpose(1, 2).reshape(self.out_features, self.in_features).clone()
         identity = torch.eye(self.in_features, dtype=self.dtype)
         with torch.inference_mode():
             product = torch.ops.mkldnn._linear_pointwise(identity, self.packed, None, "none", [], "")
@@ -84,10 +110,10 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"in_features={self.in_features}, out_features={self.out_features}, layout=mkldnn, dtype={dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"dtype={dtype}")
 
 
-@functools.cache
 def cpu_flags() -> frozenset[str]:
     """Return the feature flags of /proc/cpuinfo (empty where there is none, as off Linux)."""
     try:
@@ -183,17 +209,56 @@ def rounds_rows_alike(layer: PackedLinear, rows: int = 16) -> bool:
         return _rounds_rows_alike(layer, inputs, layer(inputs))
 
 
-def pack_model(model: nn.Module) -> int:
+def pack_model(model: nn.Module, layout: str = "mkldnn") -> int:
     """Replace every nn.Linear of `model` by a float32 `PackedLinear`; return how many.
 
-    The output layer is packed too. When it shares its weight with the token embeddings,
-    the packed copy costs one more copy of that matrix. Hooks on the replaced layers are
-    not carried over, so register them after packing.
+    With `layout` "panels", a layer whose output size is not a multiple of `PANEL` takes
+    oneDNN's layout instead. The output layer is packed too. When it shares its weight with
+    the token embeddings, the packed copy costs one more copy of that matrix. Hooks on the
+    replaced layers are not carried over, so register them after packing.
     """
     # Names only, so that each replaced layer's weight can be freed before the next is packed.
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, PackedLinear.from_linear(getattr(parent, attribute)))
+        module = getattr(parent, attribute)
+        fits = layout == "panels" and module.out_features % PANEL == 0
+        setattr(parent, attribute, PackedLinear.from_linear(module, layout="panels" if fits else "mkldnn"))
     return len(names)
+
+
+@functools.cache
+def panel_blocker() -> str | None:
+    """Return why the compiled AVX2 product (`layout="panels"`) cannot serve here, or None when it can.
+
+    Builds it on first use. A self-check against a float64 product, across passes, chunks
+    and tiles of rows, then decides whether it serves.
+    """
+    missing = [flag for flag in PANEL_CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    problem = native.load(PANEL_SOURCE, PANEL_FLAGS, "senab_avx2::f32_mm")
+    if problem:
+        return problem
+    generator = torch.Generator().manual_seed(0)
+    # 1,100 inputs: 5 chunks of the kernel's 256, and tiles of 42 rows, so 50 rows cross one.
+    weight = torch.randn(48, 1100, generator=generator)
+    bias = torch.randn(48, generator=generator)
+    inputs = torch.randn(50, 1100, generator=generator)
+    try:
+        layer = PackedLinear(weight, bias, torch.float32, "panels")
+        with torch.inference_mode():
+            batched = layer(inputs)
+            rows_alike = _rounds_rows_alike(layer, inputs[:9], batched[:9]) and torch.equal(
+                layer(inputs[40:50]), batched[40:50])
+    except (RuntimeError, AttributeError) as exc:
+        return f"the AVX2 float32 product failed its self-check: {exc}"
+    expected = inputs.double() @ weight.double().t() + bias.double()
+    error = ((batched.double() - expected).abs().max() / expected.abs().max()).item()
+    # Float32 sums of 1,100 products: a few 2^-24 of the largest output per step at most.
+    if not error <= 1e-5:
+        return f"the AVX2 float32 product is off by {error:.3g} of its largest output in its self-check"
+    if not rows_alike:
+        return "the AVX2 float32 product rounds a row differently in a batch than alone"
+    return None

@@ -60,7 +60,7 @@ from torch import nn
 from senab import int4_batch
 from senab.int4_batch import BatchProduct
 from senab.packed import (
-    PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, rounds_rows_alike,
+    PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, panel_blocker, rounds_rows_alike,
 )
 
 logger = logging.getLogger(__name__)
@@ -326,12 +326,15 @@ class QuantizationReport:
     dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
     batch_product: str = ""  # the 4-bit product for decode batches in use (`senab.int4_batch`), if any
     batch_product_reason: str = ""  # why none is, where int4 applies in auto mode
+    packed_layout: str = ""  # where applied is "packed": "panels" (the AVX2 product) or "mkldnn" (oneDNN)
+    panels_reason: str = ""  # why the AVX2 product does not serve, where oneDNN's layout does
 
     def describe(self) -> str:
         if self.applied == "none":
             return f"dense weights ({self.reason})" if self.reason else "dense weights"
         if self.applied == "packed":
-            return f"dense float32 weights packed for oneDNN in {self.layers} layers"
+            target = "the AVX2 float32 product" if self.packed_layout == "panels" else "oneDNN"
+            return f"dense float32 weights packed for {target} in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
         text = f"int4 weights in {self.layers} layers ({exactness})"
         product = next((product for product in int4_batch.PRODUCTS if product.name == self.batch_product), None)
@@ -422,14 +425,22 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         report.reason = "quantization none"
         return report
     if mode == "auto" and problem:
-        # Where 4-bit weights cannot run, auto takes the next fastest exact format.
+        # Where 4-bit weights cannot run, auto takes the next fastest exact format: float32
+        # weights in panels for the compiled AVX2 product, else in oneDNN's layout.
+        if device.type == "cpu" and dtype == torch.float32:
+            report.panels_reason = panel_blocker() or ""
+            if not report.panels_reason:
+                report.applied, report.packed_layout = "packed", "panels"
+                report.layers = pack_model(model, "panels")
+                return report
+            logger.info("float32 weights are not packed for the AVX2 product: %s", report.panels_reason)
         packing_problem = packing_blocker(device, dtype)
         if packing_problem is None:
             shape = batch_dependent_shape(m for m in model.modules() if type(m) is nn.Linear)
             if shape is not None:
                 packing_problem = f"oneDNN's packed linear rounds {shape} rows differently in a batch than alone"
         if packing_problem is None:
-            report.applied = "packed"
+            report.applied, report.packed_layout = "packed", "mkldnn"
             report.layers = pack_model(model)
             return report
         report.reason = f"{problem}, and {packing_problem}"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,9 +53,28 @@ from senab.packed import cpu_flags
 from senab.quant import Int4Linear
 
 
-ATTENTION_SOURCE = "decode_attention.cpp"
-ATTENTION_FLAGS = (*native.COMMON_FLAGS, "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
-ATTENTION_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512vl")
+@dataclass(frozen=True)
+class AttentionKernel:
+    """A compiled attention for decode steps in one dtype: its source, flags and what it needs."""
+
+    source: str  # a file in senab/csrc
+    flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags it needs
+    operator: str  # "namespace::name" its library defines
+    head_multiple: int  # head sizes it takes are multiples of this
+    tolerance: float  # its self-check's largest error against float64, outputs below 1
+
+
+ATTENTION_KERNELS = {
+    # Each output rounded to bfloat16: half a step of 2^-8 relative.
+    torch.bfloat16: AttentionKernel("decode_attention.cpp", (*native.COMMON_FLAGS, "-fopenmp", "-mavx512f",
+                                                              "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+                                    ("avx512_bf16", "avx512bw", "avx512vl"), "senab_attention::decode_attention",
+                                    32, 2 ** -7),
+    # Float32 sums over at most 40 positions of 64 products.
+    torch.float32: AttentionKernel("decode_attention_avx2.cpp", (*native.COMMON_FLAGS, "-fopenmp", "-mavx2", "-mfma"),
+                                   ("avx2", "fma"), "senab_attention_avx2::decode_attention", 8, 1e-5),
+}
 
 
 class LlamaDecodeStep:
@@ -69,8 +89,9 @@ class LlamaDecodeStep:
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
         # Hooks per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (any other).
         self._layer_hooks: list[str] = []
-        # Attention of bfloat16 steps runs on `senab/csrc/decode_attention.cpp` where it builds.
-        self.native_attention = attention_kernel_blocker() is None
+        # Attention operators by dtype: `ATTENTION_KERNELS` that build and pass their self-check here.
+        self.native_attention = {dtype: _operator(kernel.operator) for dtype, kernel in ATTENTION_KERNELS.items()
+                                 if attention_kernel_blocker(dtype) is None}
         # Built now rather than at the first step, so that the memory is taken at start.
         self.refresh()
 
@@ -233,8 +254,9 @@ class LlamaDecodeStep:
                 # One query position: the heads of a group become its query positions. Also
                 # where transformers would pass `enable_gqa` (no mask): see the module's notes.
                 query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
-        if self.native_attention and not options and _native_attention_takes(query, mask):
-            out = torch.ops.senab_attention.decode_attention(query, key, value, mask, attention.scaling)
+        kernel = self.native_attention.get(query.dtype)
+        if kernel is not None and not options and _native_attention_takes(query, mask):
+            out = kernel(query, key, value, mask, attention.scaling)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                                  scale=attention.scaling, is_causal=False, **options)
@@ -244,40 +266,48 @@ class LlamaDecodeStep:
 
 
 def _native_attention_takes(query: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Return whether the compiled attention takes this (B, heads, G, D) query and mask (its checks, in Python)."""
-    if query.dtype != torch.bfloat16 or query.shape[-1] % 32 or query.shape[-1] > 256 or query.shape[2] > 16:
+    """Return whether the compiled attention of query's dtype takes this (B, heads, G, D) query and mask (its checks)."""
+    kernel = ATTENTION_KERNELS.get(query.dtype)
+    if kernel is None or query.shape[-1] % kernel.head_multiple or query.shape[-1] > 256 or query.shape[2] > 16:
         return False
     return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
                             and mask.shape[1] == mask.shape[2] == 1 and mask.stride(3) == 1)
 
 
-@functools.cache
-def attention_kernel_blocker() -> str | None:
-    """Return why the compiled attention for decode steps cannot serve here, or None when it can (builds it once).
+def _operator(name: str):
+    namespace, name = name.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
 
-    It takes bfloat16 only, and needs AVX-512 BF16. A self-check against a float64
-    attention decides whether it serves.
+
+@functools.cache
+def attention_kernel_blocker(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Return why the compiled attention for decode steps in `dtype` cannot serve here, or None (builds it once).
+
+    bfloat16 needs AVX-512 BF16, float32 AVX2 with FMA; other dtypes have none. A
+    self-check against a float64 attention decides whether it serves.
     """
-    missing = [flag for flag in ATTENTION_CPU_FLAGS if flag not in cpu_flags()]
+    kernel = ATTENTION_KERNELS.get(dtype)
+    if kernel is None:
+        return f"no compiled attention takes {str(dtype).removeprefix('torch.')}"
+    missing = [flag for flag in kernel.cpu_flags if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    problem = native.load(ATTENTION_SOURCE, ATTENTION_FLAGS, "senab_attention::decode_attention")
+    problem = native.load(kernel.source, kernel.flags, kernel.operator)
     if problem:
         return problem
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(3, 2, 3, 64, generator=generator).to(torch.bfloat16)
-    key, value = (torch.randn(3, 2, 40, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    query = torch.randn(3, 2, 3, 64, generator=generator).to(dtype)
+    key, value = (torch.randn(3, 2, 40, 64, generator=generator).to(dtype) for _ in range(2))
     mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
     mask[1, ..., :7] = False
     try:
-        out = torch.ops.senab_attention.decode_attention(query, key, value, mask, 0.125)
+        out = _operator(kernel.operator)(query, key, value, mask, 0.125)
     except RuntimeError as error:
         return f"the compiled attention failed its self-check: {error}"
     expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), attn_mask=mask,
                                               scale=0.125)
-    # Each output rounded to bfloat16: half a step of 2^-8 relative, with outputs below 1.
     error = (out.double() - expected).abs().max().item()
-    if not error <= 2 ** -7:
+    if not error <= kernel.tolerance:
         return f"the compiled attention is off by {error:.3g} in its self-check"
     return None
 

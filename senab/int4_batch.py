@@ -130,6 +130,10 @@ def batch_product() -> tuple[BatchProduct | None, str]:
 
 @functools.cache
 def _load(product: BatchProduct) -> str | None:
+    # The environment's switch first, so that it is the reason given wherever it is set.
+    switched_off = native.switched_off()
+    if switched_off:
+        return switched_off
     missing = [flag for flag in product.cpu_flags if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"

@@ -177,14 +177,16 @@ def _run_compiler(command: list[str], source: str) -> None:
 def build_all() -> list[Path]:
     """Compile every operator library that can run on this architecture (for images built ahead).
 
-    Returns their paths. The 4-bit products for batches and the decode attention are x86-only.
+    Returns their paths. The 4-bit products for batches, the decode attention and the AVX2 float32
+    product are x86-only.
     """
-    from senab import fastdecode, int4_batch, nca  # here, because they import this module
+    from senab import fastdecode, int4_batch, nca, packed  # here, because they import this module
 
     sources = [(nca.NATIVE_SOURCE, nca.NATIVE_FLAGS)]
     if platform.machine().lower() in ("x86_64", "amd64"):
         sources += [(product.source, product.flags) for product in int4_batch.PRODUCTS]
-        sources.append((fastdecode.ATTENTION_SOURCE, fastdecode.ATTENTION_FLAGS))
+        sources += [(kernel.source, kernel.flags) for kernel in fastdecode.ATTENTION_KERNELS.values()]
+        sources.append((packed.PANEL_SOURCE, packed.PANEL_FLAGS))
     return [build(source, flags) for source, flags in sources]
 
 

@@ -35,25 +35,33 @@ def padded_attention_path(monkeypatch):
     """
     monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa",
                         lambda mask, key, value: os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
-    monkeypatch.setattr(fastdecode, "attention_kernel_blocker", lambda: "kept off by the test")
+    monkeypatch.setattr(fastdecode, "attention_kernel_blocker", lambda dtype=None: "kept off by the test")
 
 
-needs_native_attention = pytest.mark.skipif(
-    fastdecode.attention_kernel_blocker() is not None,
-    reason=f"the compiled attention does not serve here: {fastdecode.attention_kernel_blocker()}")
+# Each dtype's compiled attention: (dtype, largest error against float64 for outputs below 1,
+# its head-size multiple). bfloat16: half a bfloat16 step plus float32 sums.
+KERNEL_CASES = [
+    pytest.param(torch.bfloat16, 2 ** -8, 32, id="bfloat16", marks=pytest.mark.skipif(
+        fastdecode.attention_kernel_blocker(torch.bfloat16) is not None,
+        reason=f"no compiled bfloat16 attention here: {fastdecode.attention_kernel_blocker(torch.bfloat16)}")),
+    pytest.param(torch.float32, 1e-5, 8, id="float32", marks=pytest.mark.skipif(
+        fastdecode.attention_kernel_blocker(torch.float32) is not None,
+        reason=f"no compiled float32 attention here: {fastdecode.attention_kernel_blocker(torch.float32)}")),
+]
 
 
 def native_attention(query, key, value, mask, scale=0.125):
-    return torch.ops.senab_attention.decode_attention(query, key, value, mask, scale)
+    kernel = fastdecode.ATTENTION_KERNELS[query.dtype]
+    return fastdecode._operator(kernel.operator)(query, key, value, mask, scale)
 
 
-@needs_native_attention
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
 @pytest.mark.parametrize("rows", [1, 5, 16])
-def test_native_attention_matches_float64(rows):
+def test_native_attention_matches_float64(rows, dtype, tolerance, multiple):
     """Against float64 attention, with key and value as views into a longer cache, masked and not."""
     generator = torch.Generator().manual_seed(rows)
-    query = torch.randn(rows, 3, 3, 64, generator=generator).to(torch.bfloat16)
-    cache = torch.randn(2, rows, 3, 90, 64, generator=generator).to(torch.bfloat16)
+    query = torch.randn(rows, 3, 3, 64, generator=generator).to(dtype)
+    cache = torch.randn(2, rows, 3, 90, 64, generator=generator).to(dtype)
     key, value = cache[0, :, :, :70], cache[1, :, :, :70]
     mask = torch.ones(rows, 1, 1, 70, dtype=torch.bool)
     mask[0, ..., :9] = False
@@ -61,17 +69,16 @@ def test_native_attention_matches_float64(rows):
         out = native_attention(query, key, value, attention_mask)
         expected = torch.nn.functional.scaled_dot_product_attention(
             query.double(), key.double(), value.double(), attn_mask=attention_mask, scale=0.125)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == dtype
         assert out.shape == query.shape
-        # Half a bfloat16 step of outputs below 1, plus float32 sums.
-        assert (out.double() - expected).abs().max() <= 2 ** -8
+        assert (out.double() - expected).abs().max() <= tolerance
 
 
-@needs_native_attention
-def test_native_attention_row_invariant_and_masked():
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
+def test_native_attention_row_invariant_and_masked(dtype, tolerance, multiple):
     generator = torch.Generator().manual_seed(1)
-    query = torch.randn(16, 3, 3, 64, generator=generator).to(torch.bfloat16)
-    key, value = (torch.randn(16, 3, 50, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    query = torch.randn(16, 3, 3, 64, generator=generator).to(dtype)
+    key, value = (torch.randn(16, 3, 50, 64, generator=generator).to(dtype) for _ in range(2))
     mask = torch.ones(16, 1, 1, 50, dtype=torch.bool)
     mask[4, ..., :20] = False
     batch = native_attention(query, key, value, mask)
@@ -84,36 +91,41 @@ def test_native_attention_row_invariant_and_masked():
     assert torch.equal(native_attention(query, changed, value, mask)[4], batch[4])
 
 
-@needs_native_attention
-def test_native_attention_rejects_bad_input():
-    query = torch.zeros(2, 3, 3, 64, dtype=torch.bfloat16)
-    key = torch.zeros(2, 3, 10, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="pass bfloat16"):
-        native_attention(query.float(), key.float(), key.float(), None)
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
+def test_native_attention_rejects_bad_input(dtype, tolerance, multiple):
+    query = torch.zeros(2, 3, 3, 64, dtype=dtype)
+    key = torch.zeros(2, 3, 10, 64, dtype=dtype)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(RuntimeError, match=f"pass {name}"):
+        native_attention(query, key.to(other), key.to(other), None)
     with pytest.raises(RuntimeError, match="do not match query"):
         native_attention(query, key[:1], key[:1], None)
     with pytest.raises(RuntimeError, match="invalid mask"):
         native_attention(query, key, key, torch.ones(2, 1, 1, 9, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="unsupported head size 48"):
-        native_attention(query[..., :48], key[..., :48], key[..., :48], None)
+    odd = multiple + multiple // 2 if multiple > 8 else 12
+    with pytest.raises(RuntimeError, match=f"unsupported head size {odd}"):
+        native_attention(query[..., :odd], key[..., :odd], key[..., :odd], None)
 
 
-@needs_native_attention
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
 @pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
-def test_native_attention_step_close_to_forward_call(bridged, monkeypatch):
-    """With the compiled attention, a bfloat16 step differs from the forward call only by rounding."""
-    monkeypatch.setattr(fastdecode, "attention_kernel_blocker", lambda: None)
+def test_native_attention_step_close_to_forward_call(bridged, dtype, tolerance, multiple, monkeypatch):
+    """With the compiled attention, a step differs from the forward call only by rounding."""
+    monkeypatch.setattr(fastdecode, "attention_kernel_blocker",
+                        lambda kind=torch.bfloat16: None if kind == dtype else "kept off by the test")
     model, tokenizer = wide_tiny_llama()
-    model.to(torch.bfloat16)
+    model.to(dtype)
     fast, slow, _ = generators(model, tokenizer, bridged)
-    assert fast.decode_step.native_attention
+    assert dtype in fast.decode_step.native_attention
     requests = requests_for(tokenizer, sessions=bridged)
     fast_logits = step_logits(fast, requests[:2], join=requests[2])
     slow_logits = step_logits(slow, requests[:2], join=requests[2])
     assert len(fast_logits) == len(slow_logits) > 3
     assert not all(torch.equal(a, b) for a, b in zip(fast_logits, slow_logits))  # it did run
+    relative = 0.02 if dtype == torch.bfloat16 else 1e-4
     for a, b in zip(fast_logits, slow_logits):
-        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= relative * b.float().abs().max()
 
 
 def generators(model, tokenizer, bridged: bool) -> tuple[Generator, Generator, BridgeHandle | None]:

@@ -1,4 +1,4 @@
-"""Dense float32 weights packed for oneDNN (senab.packed) and auto's choice of them."""
+"""Dense float32 weights packed for the AVX2 product or oneDNN (senab.packed), and auto's choice of them."""
 
 from __future__ import annotations
 
@@ -18,6 +18,19 @@ from tests.helpers import make_tiny_llama, randomize_write_out
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
+
+needs_panels = pytest.mark.skipif(packed.panel_blocker() is not None,
+                                  reason=f"the AVX2 float32 product does not serve here: {packed.panel_blocker()}")
+# auto's two float32 layouts; "mkldnn" is what auto takes where the AVX2 product does not serve.
+LAYOUTS = [pytest.param("panels", marks=needs_panels), "mkldnn"]
+TARGETS = {"panels": "the AVX2 float32 product", "mkldnn": "oneDNN"}
+
+
+@pytest.fixture
+def layout(request, monkeypatch):
+    if request.param == "mkldnn":
+        monkeypatch.setattr("senab.quant.panel_blocker", lambda: "kept off by the test")
+    return request.param
 
 
 def test_packed_linear_matches_linear():
@@ -90,13 +103,16 @@ def test_pack_model_replaces_every_linear():
     assert isinstance(model.model.embed_tokens, nn.Embedding)  # the tied embeddings stay
 
 
-def test_auto_packs_float32_models():
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_auto_packs_float32_models(layout):
     model, tokenizer = make_tiny_llama(seed=0)
     reference, _ = make_tiny_llama(seed=0)
     report = quantize_model(model, "auto", torch.float32)
     assert report.applied == "packed"
+    assert report.packed_layout == layout
     assert report.layers == 7 * model.config.num_hidden_layers + 1
-    assert report.describe() == f"dense float32 weights packed for oneDNN in {report.layers} layers"
+    assert report.describe() == f"dense float32 weights packed for {TARGETS[layout]} in {report.layers} layers"
+    assert all(m.layout == layout for m in model.modules() if isinstance(m, PackedLinear))
 
     ids = torch.tensor([build_prompt(tokenizer, [("user", "Hello there")]).ids])
     with torch.inference_mode():
@@ -126,6 +142,7 @@ def test_packing_blocker_says_why(device, dtype, expected):
 
 
 def test_failed_self_check_keeps_dense_weights(monkeypatch):
+    monkeypatch.setattr("senab.quant.panel_blocker", lambda: "kept off by the test")
     monkeypatch.setattr(packed, "_self_check", lambda dtype: "oneDNN's packed linear does not match F.linear")
     model, _ = make_tiny_llama(seed=0)
     report = quantize_model(model, "auto", torch.float32)
@@ -134,11 +151,12 @@ def test_failed_self_check_keeps_dense_weights(monkeypatch):
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_load_model_auto_packs_in_float32(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_load_model_auto_packs_in_float32(tmp_path, layout):
     make_tiny_llama(tmp_path / "tiny", seed=4)
     loaded = load_model(str(tmp_path / "tiny"), dtype="float32", quantization="auto", home=tmp_path)
     plain = load_model(str(tmp_path / "tiny"), dtype="float32", quantization="none", home=tmp_path)
-    assert loaded.quantization.startswith("dense float32 weights packed for oneDNN")
+    assert loaded.quantization.startswith(f"dense float32 weights packed for {TARGETS[layout]}")
     assert plain.quantization == "dense weights (quantization none)"
 
     ids = [build_prompt(loaded.tokenizer, [("user", text)]).ids for text in PROMPTS]
@@ -153,9 +171,10 @@ def test_load_model_auto_packs_in_float32(tmp_path):
     assert out.shape == (1, len(ids[0]) + 4)
 
 
-def test_bridged_packed_batch_invariance():
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_bridged_packed_batch_invariance(layout):
     model, tokenizer = make_tiny_llama(seed=0)
-    assert quantize_model(model, "auto", torch.float32).applied == "packed"
+    assert quantize_model(model, "auto", torch.float32).packed_layout == layout
     checkpoint = new_checkpoint(model.config)
     randomize_write_out(checkpoint.bridge)
     handle = attach_bridge(model, checkpoint.bridge)
@@ -197,6 +216,7 @@ def test_batch_dependent_shape_keeps_dense_weights(monkeypatch):
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert packed.batch_dependent_shape(linears) is None  # this machine's oneDNN is row-invariant
 
+    monkeypatch.setattr("senab.quant.panel_blocker", lambda: "kept off by the test")
     monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda modules, **options: "128 x 64")
     report = quantize_model(model, "auto", torch.float32)
     assert report.applied == "none"
@@ -211,3 +231,95 @@ def test_unpacked_weight_is_exact(dtype):
     weight = torch.randn(96, 64) * 3
     layer = PackedLinear(weight, None, dtype)
     assert torch.equal(layer.unpacked_weight(), weight.to(dtype))
+
+
+def panel_layer(out_features: int, in_features: int, *, bias: bool = True, seed: int = 0) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    offsets = torch.randn(out_features, generator=generator) if bias else None
+    return PackedLinear(weight, offsets, torch.float32, "panels"), weight, offsets
+
+
+@needs_panels
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 50, 301])
+@pytest.mark.parametrize("shape", [(48, 64), (576, 576), (32, 1100)], ids=["small", "square", "long"])
+def test_panels_match_float64(rows, shape):
+    """Rows in one or several passes and tiles, inputs in one chunk or several (1,100 = 4 x 256 + 76)."""
+    layer, weight, bias = panel_layer(*shape, seed=rows)
+    inputs = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = layer(inputs)
+    expected = inputs.double() @ weight.double().t() + bias.double()
+    assert out.shape == (rows, shape[0]) and out.dtype == torch.float32
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+@needs_panels
+@pytest.mark.parametrize("in_features", [64, 1100, 3000])
+def test_panels_round_rows_alike(in_features):
+    """A row's output is the same to the bit alone, in any pass of a batch and across tiles of rows."""
+    layer, _, _ = panel_layer(64, in_features)
+    inputs = torch.randn(70, in_features, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        batched = layer(inputs)
+        for row in (0, 5, 6, 17, 41, 42, 69):
+            assert torch.equal(layer(inputs[row:row + 1]), batched[row:row + 1])
+        assert torch.equal(layer(inputs[30:47]), batched[30:47])
+        # Leading dimensions pass through, as for nn.Linear.
+        assert torch.equal(layer(inputs.view(7, 10, in_features)).view(70, -1), batched)
+
+
+@needs_panels
+def test_panels_edge_cases():
+    layer, weight, _ = panel_layer(32, 40, bias=False)
+    assert layer(torch.zeros(0, 40)).shape == (0, 32)
+    assert torch.equal(layer.unpacked_weight(), weight)
+    # Inputs of another dtype and strided inputs are cast and copied.
+    inputs = torch.randn(40, 3).t()
+    torch.testing.assert_close(layer(inputs.double()), inputs @ weight.t(), atol=1e-5, rtol=1e-5)
+    assert "layout=panels" in repr(layer)
+
+
+@needs_panels
+def test_panels_reject_bad_input():
+    layer, _, _ = panel_layer(32, 40)
+    operator = torch.ops.senab_avx2.f32_mm
+    with pytest.raises(RuntimeError, match="input must be a contiguous 2-D float32"):
+        operator(torch.zeros(2, 40, dtype=torch.bfloat16), layer.packed, None)
+    with pytest.raises(RuntimeError, match="input has 41 columns but the panels 40 inputs"):
+        operator(torch.zeros(2, 41), layer.packed, None)
+    with pytest.raises(RuntimeError, match="shape \\(N / 16, K, 16\\)"):
+        operator(torch.zeros(2, 40), layer.packed.reshape(2, 80, 8), None)
+    with pytest.raises(RuntimeError, match="32-byte boundary"):
+        operator(torch.zeros(2, 39), torch.zeros(1 + 2 * 39 * 16)[1:].view(2, 39, 16), None)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of 32 values"):
+        operator(torch.zeros(2, 40), layer.packed, torch.zeros(31))
+    with pytest.raises(ValueError, match="multiple of 16; use layout mkldnn"):
+        PackedLinear(torch.zeros(20, 40), None, torch.float32, "panels")
+    with pytest.raises(ValueError, match="multiple of 16; use layout mkldnn"):
+        PackedLinear(torch.zeros(32, 40), None, torch.bfloat16, "panels")
+    with pytest.raises(ValueError, match="Invalid layout 'tiles'"):
+        PackedLinear(torch.zeros(32, 40), None, torch.float32, "tiles")
+
+
+@needs_panels
+def test_pack_model_in_panels_keeps_odd_layers_on_onednn():
+    model = nn.Sequential(nn.Linear(40, 32), nn.Linear(32, 20))
+    expected = model(torch.ones(3, 40))
+    assert pack_model(model, "panels") == 2
+    assert [layer.layout for layer in model] == ["panels", "mkldnn"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(torch.ones(3, 40)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_panel_blocker_says_why(monkeypatch):
+    monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    packed.panel_blocker.cache_clear()
+    try:
+        assert packed.panel_blocker() == "the CPU lacks fma"
+        monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+        monkeypatch.setenv("SENAB_NATIVE_KERNELS", "0")
+        packed.panel_blocker.cache_clear()
+        assert "SENAB_NATIVE_KERNELS turns compiled operators off" in packed.panel_blocker()
+    finally:
+        packed.panel_blocker.cache_clear()

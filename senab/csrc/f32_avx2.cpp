@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
@@ -107,27 +108,38 @@ at::Tensor f32_mm(const at::Tensor& input, const at::Tensor& panels, const std::
     const int64_t rows = std::min(tile, M - tile0);
     // The tile's rows split into passes of nearly equal size, at most kPassRows each.
     const int64_t passes = (rows + kPassRows - 1) / kPassRows;
-    at::parallel_for(0, N / kPanel, 1, [&](int64_t begin, int64_t end) {
+    // Rows tile0 .. tile0 + rows - 1 times panel p, into the output.
+    auto panel_product = [&](int64_t p, float* sums) {
+      const float* panel = w + p * K * kPanel;
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t k1 = std::min(K, k0 + kChunk);
+        int64_t row0 = 0;
+        for (int64_t i = 0; i < passes; ++i) {
+          const int64_t n = rows / passes + (i < rows % passes ? 1 : 0);
+          kPasses[n](x + (tile0 + row0) * K, K, panel, k0, k1, sums + row0 * kPanel, k0 == 0);
+          row0 += n;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = y + (tile0 + r) * N + p * kPanel;
+        for (int64_t half = 0; half < kPanel; half += 8) {
+          __m256 v = _mm256_load_ps(sums + r * kPanel + half);
+          if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + p * kPanel + half));
+          _mm256_storeu_ps(dst + half, v);
+        }
+      }
+    };
+    // Threads take panels from a shared counter rather than a fixed share each, so that
+    // when another process or the server's event loop takes a core for a while, the other
+    // thread does more panels instead of waiting for it at the end of the call.
+    std::atomic<int64_t> next_panel{0};
+    const int64_t total = N / kPanel;
+    const int64_t threads = at::get_num_threads();
+    const int64_t grain = std::max<int64_t>(1, total / (8 * threads));
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       alignas(32) float sums[kMaxTileRows * kPanel];
-      for (int64_t p = begin; p < end; ++p) {
-        const float* panel = w + p * K * kPanel;
-        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-          const int64_t k1 = std::min(K, k0 + kChunk);
-          int64_t row0 = 0;
-          for (int64_t i = 0; i < passes; ++i) {
-            const int64_t n = rows / passes + (i < rows % passes ? 1 : 0);
-            kPasses[n](x + (tile0 + row0) * K, K, panel, k0, k1, sums + row0 * kPanel, k0 == 0);
-            row0 += n;
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = y + (tile0 + r) * N + p * kPanel;
-          for (int64_t half = 0; half < kPanel; half += 8) {
-            __m256 v = _mm256_load_ps(sums + r * kPanel + half);
-            if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + p * kPanel + half));
-            _mm256_storeu_ps(dst + half, v);
-          }
-        }
+      for (int64_t begin = next_panel.fetch_add(grain); begin < total; begin = next_panel.fetch_add(grain)) {
+        for (int64_t p = begin; p < std::min(begin + grain, total); ++p) panel_product(p, sums);
       }
     });
   }

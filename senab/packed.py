@@ -1,22 +1,35 @@
-"""Dense float32 weights in oneDNN's blocked layout, for decoding on a CPU.
+"""Dense float32 weights in a layout for a faster CPU product, for decoding on a CPU.
 
 `F.linear` on a CPU calls MKL's sgemm on the plain (out, in) weight. For the few rows of
-a decode step that is slow, and it grows fast with the rows. On a 2-core AMD EPYC with
+a decode step it is slow, and it grows fast with the rows. On a 2-core AMD EPYC with
 AVX2 (torch 2.13), the 210 decoder layers of SmolLM2-135M took 44 ms for 1 row and
-154 ms for 16, and the 49K x 576 output layer 13 and 57 ms. Reordered once into oneDNN's
-blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied by
-`torch.ops.mkldnn._linear_pointwise`, the same products took 41 and 87 ms, and the output
-layer 6 and 18 ms.
+154 ms for 16, and the 49K x 576 output layer 13 and 57 ms. MKL also rounded a row
+differently alone than in a call with other rows. Two layouts do better:
 
-The packed product also rounds each row the same way, to the bit, whatever the number of
-rows in the call. On that machine MKL's sgemm rounded a row differently alone than in a
-call with other rows. So with packed weights the linear layers do not make a row's logits
-depend on its batch (attention over padding still can, in rounding).
-`packing_blocker` checks both properties once per process on a small layer, and
-`batch_dependent_shape` checks row invariance on one layer of each of the model's shapes
-(oneDNN picks kernels by shape and CPU). `quantize_model` keeps the plain weights if either
-fails. NOTE: the checks run on the loading thread's single intra-op thread, but the server
-decodes on all cores. On AVX2 the rows were bit-identical with 1 and 2 threads.
+- "panels", for the compiled product of `senab/csrc/f32_avx2.cpp` (AVX2 with FMA): the
+  weight in panels of `PANEL` outputs, each read front to back. It reads each weight once
+  per call for all rows and keeps 6 rows by 16 outputs in registers. On a 2-core AVX2 EPYC
+  (another machine than above, same family) the 210 layers took 18 to 22 ms for 1 row
+  against 30 to 35 for oneDNN, and 36 to 38 ms for 16 rows against 55 to 61. Over 672
+  prompt positions, 14 of the layers took 57 to 63 ms against 60 to 65. The output layer took
+  4 to 5 ms against 5.5 to 6 for 1 row, and 8 to 9 against 12 for 16 (several runs, in one
+  process each). One row reads the weights at 21 of the 23 GB/s the two cores read; oneDNN
+  at 14.
+  Every output is one chain of fused multiply-adds over the inputs in order, whatever
+  the rows in the call, so a row's result does not depend on its batch.
+- "mkldnn": oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, then
+  `torch.ops.mkldnn._linear_pointwise`, the ops Inductor's CPU freezing uses). On the first
+  machine above it took 41 and 87 ms for the 210 layers at 1 and 16 rows, and the output
+  layer 6 and 18 ms. It rounds each row the same way, to the bit, whatever the number of
+  rows in the call.
+
+`quantize_model` packs float32 models in panels where `panel_blocker` returns None, and in
+oneDNN's layout otherwise. For oneDNN, `packing_blocker` checks both properties once per
+process on a small layer, and `batch_dependent_shape` checks row invariance on one layer of
+each of the model's shapes (oneDNN picks kernels by shape and CPU); `quantize_model` keeps
+the plain weights if either fails. NOTE: the checks run on the loading thread's single
+intra-op thread, but the server decodes on all cores. On AVX2 the rows were bit-identical
+with 1 and 2 threads.
 
 Packed layers have no gradient, so only serving packs them. Training, evaluation and
 `senab compare` keep the plain weights.
@@ -54,8 +67,9 @@ class PackedLinear(nn.Module):
     buffer, because a tensor in the mkldnn layout cannot be cast, saved or moved like a
     dense one. It keeps the dtype it was packed in and stays on the CPU; inputs are cast to
     that dtype. So a packed model is for inference only: `state_dict()` leaves the packed
-    weights out, deepcopy and pickling raise, `.to(dtype)` leaves these layers in their
-    dtype, and no gradient flows through them.
+    weights out, deepcopy and pickling raise for oneDNN's layout, `.to(dtype)` leaves these
+    layers' weights in their dtype (it rounds the bias), and an input that requires a
+    gradient is refused.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
@@ -66,10 +80,12 @@ class PackedLinear(nn.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"Invalid layout {layout!r} for packed weights: use one of {', '.join(LAYOUTS)}")
         self.out_features, self.in_features = weight.shape
-        if layout == "panels" and (dtype != torch.float32 or self.out_features % PANEL):
-            raise ValueError(f"Invalid panels layout for a {self.out_features} x {self.in_features} weight in "
-                             f"{dtype}: it takes float32 weights whose output size is a multiple of {PANEL}; "
-                             "use layout mkldnn")
+        if layout == "panels":
+            if dtype != torch.float32 or self.out_features % PANEL or not self.in_features:
+                raise ValueError(f"Invalid panels layout for a {self.out_features} x {self.in_features} weight in "
+                                 f"{dtype}: it takes float32 weights with inputs and an output size that is a "
+                                 f"multiple of {PANEL}; use layout mkldnn")
+            _panel_product()  # raises here, not at the first call, where the product cannot serve
         self.dtype = dtype
         self.layout = layout
         weight = weight.detach().to(dtype)
@@ -84,13 +100,19 @@ class PackedLinear(nn.Module):
         return cls(module.weight, module.bias, dtype, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"Invalid input of shape {tuple(x.shape)} for a packed layer of {self.in_features} "
+                             "inputs: its last dimension must be the layer's input size")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("Packed layers compute no gradient: train on the plain weights "
+                               "(quantization none), or run under torch.no_grad() or torch.inference_mode()")
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != self.dtype:
             flat = flat.to(self.dtype)
         # `.to(dtype)` on the model casts the bias with the rest; the product takes one dtype.
         bias = self.bias if self.bias is None or self.bias.dtype == self.dtype else self.bias.to(self.dtype)
         if self.layout == "panels":
-            out = torch.ops.senab_avx2.f32_mm(flat.contiguous(), self.packed, bias)
+            out = _panel_product()(flat.contiguous(), self.packed, bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -229,6 +251,18 @@ def pack_model(model: nn.Module, layout: str = "mkldnn") -> int:
 
 
 @functools.cache
+def _panel_product():
+    """Return the AVX2 product's operator, loading it first (as after `torch.load` in a new process).
+
+    Raises RuntimeError with the reason where it cannot serve.
+    """
+    problem = panel_blocker()
+    if problem:
+        raise RuntimeError(f"The AVX2 float32 product cannot serve here ({problem}); pack with layout mkldnn")
+    return torch.ops.senab_avx2.f32_mm
+
+
+@functools.cache
 def panel_blocker() -> str | None:
     """Return why the compiled AVX2 product (`layout="panels"`) cannot serve here, or None when it can.
 
@@ -246,17 +280,18 @@ def panel_blocker() -> str | None:
     weight = torch.randn(48, 1100, generator=generator)
     bias = torch.randn(48, generator=generator)
     inputs = torch.randn(50, 1100, generator=generator)
+    panels = weight.reshape(-1, PANEL, weight.shape[1]).transpose(1, 2).contiguous()
+    operator = torch.ops.senab_avx2.f32_mm
     try:
-        layer = PackedLinear(weight, bias, torch.float32, "panels")
         with torch.inference_mode():
-            batched = layer(inputs)
-            rows_alike = _rounds_rows_alike(layer, inputs[:9], batched[:9]) and torch.equal(
-                layer(inputs[40:50]), batched[40:50])
+            batched = operator(inputs, panels, bias)
+            rows_alike = all(torch.equal(operator(inputs[i:i + 1], panels, bias), batched[i:i + 1]) for i in range(9)) \
+                and torch.equal(operator(inputs[40:50].contiguous(), panels, bias), batched[40:50])
     except (RuntimeError, AttributeError) as exc:
         return f"the AVX2 float32 product failed its self-check: {exc}"
     expected = inputs.double() @ weight.double().t() + bias.double()
     error = ((batched.double() - expected).abs().max() / expected.abs().max()).item()
-    # Float32 sums of 1,100 products: a few 2^-24 of the largest output per step at most.
+    # Float32 sums of 1,100 products round to about 1e-7 of the largest output; a wrong product is off by far more.
     if not error <= 1e-5:
         return f"the AVX2 float32 product is off by {error:.3g} of its largest output in its self-check"
     if not rows_alike:

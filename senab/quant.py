@@ -19,7 +19,8 @@ does. "auto" quantizes only when the model runs on a CPU in bfloat16 and every e
 layer is exact, so it never changes what the model computes beyond rounding. The output
 layer (the token embeddings in tied models, 8-bit in the Q4_1 file) keeps its values. Where
 4-bit weights cannot run and the model runs on a CPU in float32, "auto" packs the dense
-weights for oneDNN instead (`senab.packed`).
+weights for the compiled AVX2 float32 product, or for oneDNN where that does not serve
+(`senab.packed`).
 
 The kernel is vectorized for bfloat16 activations only: on a 2-core AVX-512 machine the
 30 layers of SmolLM2-135M took 4.9 ms per token in bfloat16 and 102 ms in float32, against
@@ -60,7 +61,8 @@ from torch import nn
 from senab import int4_batch
 from senab.int4_batch import BatchProduct
 from senab.packed import (
-    PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, panel_blocker, rounds_rows_alike,
+    PANEL, PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, panel_blocker,
+    rounds_rows_alike,
 )
 
 logger = logging.getLogger(__name__)
@@ -328,13 +330,18 @@ class QuantizationReport:
     batch_product_reason: str = ""  # why none is, where int4 applies in auto mode
     packed_layout: str = ""  # where applied is "packed": "panels" (the AVX2 product) or "mkldnn" (oneDNN)
     panels_reason: str = ""  # why the AVX2 product does not serve, where oneDNN's layout does
+    onednn_layers: int = 0  # of `layers`, those in oneDNN's layout beside panels (output size not a multiple of 16)
 
     def describe(self) -> str:
         if self.applied == "none":
             return f"dense weights ({self.reason})" if self.reason else "dense weights"
         if self.applied == "packed":
-            target = "the AVX2 float32 product" if self.packed_layout == "panels" else "oneDNN"
-            return f"dense float32 weights packed for {target} in {self.layers} layers"
+            if self.packed_layout != "panels":
+                return f"dense float32 weights packed for oneDNN in {self.layers} layers"
+            if self.onednn_layers:
+                return (f"dense float32 weights packed for the AVX2 float32 product in "
+                        f"{self.layers - self.onednn_layers} layers and for oneDNN in {self.onednn_layers}")
+            return f"dense float32 weights packed for the AVX2 float32 product in {self.layers} layers"
         exactness = "exact" if self.exact else f"lossy, up to {self.relative_error:.1%} of a group's range"
         text = f"int4 weights in {self.layers} layers ({exactness})"
         product = next((product for product in int4_batch.PRODUCTS if product.name == self.batch_product), None)
@@ -428,9 +435,11 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         # Where 4-bit weights cannot run, auto takes the next fastest exact format: float32
         # weights in panels for the compiled AVX2 product, else in oneDNN's layout.
         if device.type == "cpu" and dtype == torch.float32:
-            report.panels_reason = panel_blocker() or ""
+            report.panels_reason = panel_blocker() or _odd_layers_blocker(model, device)
             if not report.panels_reason:
                 report.applied, report.packed_layout = "packed", "panels"
+                report.onednn_layers = sum(type(m) is nn.Linear and m.out_features % PANEL != 0
+                                           for m in model.modules())
                 report.layers = pack_model(model, "panels")
                 return report
             logger.info("float32 weights are not packed for the AVX2 product: %s", report.panels_reason)
@@ -515,6 +524,20 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         logger.warning("int4 weights round the model's weights by up to %.1f%% of a group's range; "
                        "quantization auto keeps such a model dense", 100 * report.relative_error)
     return report
+
+
+def _odd_layers_blocker(model: nn.Module, device: torch.device) -> str:
+    """Return why the layers that panels cannot take (output size not a multiple of 16) cannot
+    go to oneDNN's layout instead, or "" when there are none or they can."""
+    odd = [m for m in model.modules() if type(m) is nn.Linear and m.out_features % PANEL]
+    if not odd:
+        return ""
+    problem = packing_blocker(device, torch.float32)
+    if problem is None:
+        shape = batch_dependent_shape(odd)
+        if shape is not None:
+            problem = f"oneDNN's packed linear rounds {shape} rows differently in a batch than alone"
+    return f"layers of other output sizes than multiples of {PANEL} cannot go to oneDNN: {problem}" if problem else ""
 
 
 def _dense_copies_blocker(modules: list[nn.Module]) -> str | None:

@@ -76,14 +76,15 @@ void attend(const float* q, int64_t q_head_stride, const float* k, const float* 
 }
 
 // Returns the contiguous (B, H, G, D) float32 attention of query q (B, H, G, D) over k and v (B, H, S, D).
-// Each has its last dimension contiguous. The mask is none or boolean (B, 1, 1, S), true
+// Each has its last dimension contiguous. The mask is absent or boolean (B, 1, 1, S), true
 // where a position is attended.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "senab_attention_avx2::decode_attention: invalid ranks ",
               q.dim(), ", ", k.dim(), ", ", v.dim(), "; pass 4-D query, key and value");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "senab_attention_avx2::decode_attention: invalid dtype ", q.scalar_type(), "; pass float32 tensors");
+              "senab_attention_avx2::decode_attention: invalid dtypes ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type(), " of query, key and value; pass float32 tensors");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
               "senab_attention_avx2::decode_attention: key ", k.sizes(), " and value ", v.sizes(),

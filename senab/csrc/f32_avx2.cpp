@@ -129,9 +129,9 @@ at::Tensor f32_mm(const at::Tensor& input, const at::Tensor& panels, const std::
         }
       }
     };
-    // Threads take panels from a shared counter rather than a fixed share each, so that
-    // when another process or the server's event loop takes a core for a while, the other
-    // thread does more panels instead of waiting for it at the end of the call.
+    // Threads take panels from a shared counter rather than a fixed share each. When another
+    // process or the server's event loop takes a core for a while, the other thread then
+    // does more panels instead of waiting for it at the end of the call.
     std::atomic<int64_t> next_panel{0};
     const int64_t total = N / kPanel;
     const int64_t threads = at::get_num_threads();

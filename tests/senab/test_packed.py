@@ -323,3 +323,43 @@ def test_panel_blocker_says_why(monkeypatch):
         assert "SENAB_NATIVE_KERNELS turns compiled operators off" in packed.panel_blocker()
     finally:
         packed.panel_blocker.cache_clear()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_layer_refuses_wrong_width_and_gradients(layout):
+    layer = PackedLinear(torch.randn(32, 40), torch.zeros(32), torch.float32, layout)
+    with pytest.raises(ValueError, match=r"shape \(4, 20\) for a packed layer of 40 inputs"):
+        layer(torch.randn(4, 20))
+    with pytest.raises(ValueError, match="last dimension must be the layer's input size"):
+        layer(torch.randn(0, 20))
+    inputs = torch.randn(3, 40, requires_grad=True)
+    with pytest.raises(RuntimeError, match="compute no gradient: train on the plain weights"):
+        layer(inputs)
+    with torch.no_grad():
+        assert layer(inputs).shape == (3, 32)
+
+
+def test_panels_refused_where_the_product_cannot_serve(monkeypatch):
+    monkeypatch.setattr(packed, "panel_blocker", lambda: "the CPU lacks fma")
+    packed._panel_product.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"cannot serve here \(the CPU lacks fma\); pack with layout mkldnn"):
+            PackedLinear(torch.randn(32, 40), None, torch.float32, "panels")
+    finally:
+        packed._panel_product.cache_clear()
+
+
+@needs_panels
+def test_auto_checks_the_layers_panels_leave_to_onednn(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 100))
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.describe() == "dense float32 weights packed for the AVX2 float32 product in 1 layers and for oneDNN in 1"
+    assert [layer.layout for layer in model] == ["panels", "mkldnn"]
+
+    # Where oneDNN would round the 100-output layer's rows by batch, nothing is packed.
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 100))
+    monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda modules, **options: "100 x 32")
+    report = quantize_model(model, "auto", torch.float32)
+    assert report.applied == "none"
+    assert "multiples of 16 cannot go to oneDNN: oneDNN's packed linear rounds 100 x 32 rows" in report.panels_reason
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -30,7 +30,8 @@ class Settings(BaseSettings):
                             "bfloat16; auto does so only there and only where that is exact (the default "
                             "model's Q4_1 source), adding bfloat16 copies packed for oneDNN for prompts "
                             "and large batches where the CPU has AMX, and on a CPU in float32 packs the "
-                            "dense weights for oneDNN; none keeps plain dense weights.")
+                            "dense weights for the compiled AVX2 product (oneDNN where it does not "
+                            "serve); none keeps plain dense weights.")
     home: str | None = Field(None, description="Directory for pulled models and bridge checkpoints "
                                                "(default ~/.cache/senab).")
     bridge: str | None = Field(None, description="Bridge checkpoint directory; unset uses the default "
@@ -60,6 +61,9 @@ class Settings(BaseSettings):
         None, description="Comma-separated API keys; unset serves without authentication. An entry "
                           "`name:key` keeps the key's sessions under the tenant `name`, so a rotated key can "
                           "keep them; a bare key gets a tenant derived from its hash.")
+    # senab.native reads the variable itself; it is here so that a typo stops start-up.
+    native_kernels: str = Field("1", description="1 runs the compiled C++ operators where they build, 0 keeps "
+                                                 "them off (PyTorch's operations serve).")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Largest prompt accepted, in tokens; unset allows up to the model's context.")
 
@@ -69,6 +73,13 @@ class Settings(BaseSettings):
         value = value.upper()
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"SENAB_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+        return value
+
+    @field_validator("native_kernels")
+    @classmethod
+    def _check_native_kernels(cls, value: str) -> str:
+        if value.strip().lower() not in {"1", "true", "yes", "on", "", "0", "false", "no", "off"}:
+            raise ValueError(f"SENAB_NATIVE_KERNELS must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
         return value
 
     @field_validator("api_keys")

@@ -304,12 +304,21 @@ def test_unicode_edge_cases_round_trip(live_server):
     (["--quantization", "int4", "--dtype", "float32"], 1, "set dtype to bfloat16"),
 ])
 def test_serve_explains_a_quantization_it_cannot_use(flags, code, message, tmp_path):
+    run_serve_expecting(flags, code, message, tmp_path, {})
+
+
+def test_serve_refuses_an_unknown_native_kernels_value(tmp_path):
+    run_serve_expecting([], 2, "invalid setting SENAB_NATIVE_KERNELS='maybe': Value error, SENAB_NATIVE_KERNELS "
+                        "must be 1 or 0", tmp_path, {"SENAB_NATIVE_KERNELS": "maybe"})
+
+
+def run_serve_expecting(flags, code, message, tmp_path, env):
     import subprocess
     import sys
 
     # Both are refused before any model is looked for (SENAB_HOME is empty).
     result = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "0", *flags], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "SENAB_HOME": str(tmp_path)})
+                            text=True, timeout=120, env={**os.environ, "SENAB_HOME": str(tmp_path), **env})
 
     assert result.returncode == code, result.stderr
     assert message in result.stderr

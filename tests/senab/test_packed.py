@@ -351,6 +351,8 @@ def test_panels_refused_where_the_product_cannot_serve(monkeypatch):
 
 @needs_panels
 def test_auto_checks_the_layers_panels_leave_to_onednn(monkeypatch):
+    # Whether oneDNN rounds a 100 x 32 layer's rows alike depends on the CPU; the test fixes both answers.
+    monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda modules, **options: None)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 100))
     report = quantize_model(model, "auto", torch.float32)
     assert report.describe() == "dense float32 weights packed for the AVX2 float32 product in 1 layers and for oneDNN in 1"

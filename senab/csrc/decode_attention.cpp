@@ -16,22 +16,20 @@
 // Built by senab/fastdecode.py with -mavx512f -mavx512bw -mavx512vl -mavx512bf16; call it
 // only where the CPU has AVX-512 BF16.
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Optional.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
+
+#include "decode_attention.h"
 
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
-constexpr int64_t kMaxGroup = 16;  // query heads per key/value head
+using senab_decode_attention::kMaxHeadDim;
 
 // bfloat16 x 16 to float32 x 16.
 inline __m512 widen(const at::BFloat16* values) {
@@ -87,52 +85,10 @@ void attend(const at::BFloat16* q, int64_t q_head_stride, const at::BFloat16* k,
   }
 }
 
-// Returns the contiguous (B, H, G, D) attention of query q (B, H, G, D) over k and v (B, H, S, D).
-// Each has its last dimension contiguous. The mask is none or boolean (B, 1, 1, S), true
-// where a position is attended.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "senab_attention::decode_attention: invalid ranks ",
-              q.dim(), ", ", k.dim(), ", ", v.dim(), "; pass 4-D query, key and value");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "senab_attention::decode_attention: invalid dtype ", q.scalar_type(), "; pass bfloat16 tensors");
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
-              "senab_attention::decode_attention: key ", k.sizes(), " and value ", v.sizes(),
-              " do not match query ", q.sizes());
-  TORCH_CHECK(D % 32 == 0 && D <= kMaxHeadDim && G <= kMaxGroup && S >= 1,
-              "senab_attention::decode_attention: unsupported head size ", D, ", ", G,
-              " query heads per key head or ", S, " positions; use scaled_dot_product_attention");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(),
-              "senab_attention::decode_attention: pass tensors whose last dimension is contiguous, key and value "
-              "with equal strides");
-  const bool* mask_data = nullptr;
-  int64_t mask_row_stride = 0;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(0) == B && m.size(1) == 1 &&
-                    m.size(2) == 1 && m.size(3) == S && m.stride(3) == 1,
-                "senab_attention::decode_attention: invalid mask of shape ", m.sizes(), " and dtype ",
-                m.scalar_type(), "; pass a boolean (B, 1, 1, S) mask");
-    mask_data = m.const_data_ptr<bool>();
-    mask_row_stride = m.stride(0);
-  }
-  at::Tensor out = at::empty({B, H, G, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const auto* qd = q.const_data_ptr<at::BFloat16>();
-  const auto* kd = k.const_data_ptr<at::BFloat16>();
-  const auto* vd = v.const_data_ptr<at::BFloat16>();
-  auto* od = out.mutable_data_ptr<at::BFloat16>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / H, h = unit % H;
-      attend(qd + b * q.stride(0) + h * q.stride(1), q.stride(2), kd + b * k.stride(0) + h * k.stride(1),
-             vd + b * v.stride(0) + h * v.stride(1), k.stride(2),
-             mask_data == nullptr ? nullptr : mask_data + b * mask_row_stride, G, S, D, static_cast<float>(scale),
-             od + unit * G * D, scores);
-    }
-  });
-  return out;
+                            const std::optional<at::Tensor>& mask, double scale) {
+  return senab_decode_attention::run<at::BFloat16>("senab_attention::decode_attention", at::kBFloat16, "bfloat16", 32, q, k, v, mask, scale,
+                                          attend);
 }
 
 }  // namespace

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         None, description="Comma-separated API keys; unset serves without authentication. An entry "
                           "`name:key` keeps the key's sessions under the tenant `name`, so a rotated key can "
                           "keep them; a bare key gets a tenant derived from its hash.")
-    # senab.native reads the variable itself; it is here so that a typo stops start-up.
+    # senab.native reads the variable itself. The field is here so that an invalid value stops start-up.
     native_kernels: str = Field("1", description="1 runs the compiled C++ operators where they build, 0 keeps "
                                                  "them off (PyTorch's operations serve).")
     max_prompt_tokens: int | None = Field(

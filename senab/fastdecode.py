@@ -76,7 +76,7 @@ ATTENTION_KERNELS = {
                                                               "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
                                     ("avx512_bf16", "avx512bw", "avx512vl"), "senab_attention::decode_attention",
                                     32, 2 ** -7),
-    # Float32 sums over at most 40 positions of 64 products.
+    # Float32 sums over the self-check's 40 positions of 64 products each.
     torch.float32: AttentionKernel("decode_attention_avx2.cpp", (*native.COMMON_FLAGS, "-fopenmp", "-mavx2", "-mfma"),
                                    ("avx2", "fma"), "senab_attention_avx2::decode_attention", 8, 1e-5),
 }
@@ -94,8 +94,8 @@ class LlamaDecodeStep:
         self._fusions: dict[tuple[int, str], tuple[tuple[nn.Module, ...], tuple, Int4Linear | None]] = {}
         # Hooks per layer: "none", "pre" (forward pre-hooks on the layer only) or "all" (any other).
         self._layer_hooks: list[str] = []
-        # Attention operators by dtype: those of `ATTENTION_KERNELS` that build and pass their
-        # self-check here, for the dtypes the model has run in (`refresh` adds them).
+        # Attention operators by dtype, for the dtypes the model has run in (`refresh` adds
+        # those of `ATTENTION_KERNELS` that build and pass their self-check here).
         self.native_attention: dict[torch.dtype, object] = {}
         self._attention_checked: set[torch.dtype] = set()
         # Built now rather than at the first step, so that the memory is taken at start.

@@ -130,7 +130,7 @@ def batch_product() -> tuple[BatchProduct | None, str]:
 
 @functools.cache
 def _load(product: BatchProduct) -> str | None:
-    # The environment's switch first, so that it is the reason given wherever it is set.
+    # The environment's switch comes first, so that it is the reason given wherever it is set.
     switched_off = native.switched_off()
     if switched_off:
         return switched_off

@@ -27,8 +27,8 @@ differently alone than in a call with other rows. Two layouts do better:
 oneDNN's layout otherwise. For oneDNN, `packing_blocker` checks both properties once per
 process on a small layer, and `batch_dependent_shape` checks row invariance on one layer of
 each of the model's shapes (oneDNN picks kernels by shape and CPU); `quantize_model` keeps
-the plain weights if either fails. NOTE: the checks run on the loading thread's single
-intra-op thread, but the server decodes on all cores. On AVX2 the rows were bit-identical
+the plain weights if either fails. NOTE: these checks and `panel_blocker` run on the loading
+thread's single intra-op thread, but the server decodes on all cores. On AVX2 the rows were bit-identical
 with 1 and 2 threads.
 
 Packed layers have no gradient, so only serving packs them. Training, evaluation and
@@ -66,10 +66,10 @@ class PackedLinear(nn.Module):
     where `panel_blocker` returns None. The packed weight is a plain attribute, not a
     buffer, because a tensor in the mkldnn layout cannot be cast, saved or moved like a
     dense one. It keeps the dtype it was packed in and stays on the CPU; inputs are cast to
-    that dtype. So a packed model is for inference only: `state_dict()` leaves the packed
-    weights out, deepcopy and pickling raise for oneDNN's layout, `.to(dtype)` leaves these
-    layers' weights in their dtype (it rounds the bias), and an input that requires a
-    gradient is refused.
+    that dtype. So a packed model is for inference only. `state_dict()` leaves the packed
+    weights out, and deepcopy and pickling raise for oneDNN's layout. `.to(dtype)` leaves
+    these layers' weights in their dtype but rounds the bias. An input that requires a
+    gradient raises RuntimeError.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
@@ -85,7 +85,7 @@ class PackedLinear(nn.Module):
                 raise ValueError(f"Invalid panels layout for a {self.out_features} x {self.in_features} weight in "
                                  f"{dtype}: it takes float32 weights with inputs and an output size that is a "
                                  f"multiple of {PANEL}; use layout mkldnn")
-            _panel_product()  # raises here, not at the first call, where the product cannot serve
+            _panel_product()  # Raises here rather than at the first call where the product cannot serve.
         self.dtype = dtype
         self.layout = layout
         weight = weight.detach().to(dtype)
@@ -120,8 +120,8 @@ class PackedLinear(nn.Module):
     def unpacked_weight(self) -> torch.Tensor:
         """Return the (out, in) weight in the packed dtype, exactly.
 
-        From panels by reshaping; from oneDNN's layout through a product with the identity,
-        each of whose outputs is one weight times 1 plus zeros.
+        Panels are reshaped. oneDNN's layout is read through a product with the identity, each
+        of whose outputs is one weight times 1 plus zeros.
         """
         if self.layout == "panels":
             return self.packed.transpose(1, 2).reshape(self.out_features, self.in_features).clone()
@@ -291,7 +291,8 @@ def panel_blocker() -> str | None:
         return f"the AVX2 float32 product failed its self-check: {exc}"
     expected = inputs.double() @ weight.double().t() + bias.double()
     error = ((batched.double() - expected).abs().max() / expected.abs().max()).item()
-    # Float32 sums of 1,100 products round to about 1e-7 of the largest output; a wrong product is off by far more.
+    # Float32 sums of 1,100 products round to about 1e-7 of the largest output (an estimate), so a wrong
+    # product is off by far more.
     if not error <= 1e-5:
         return f"the AVX2 float32 product is off by {error:.3g} of its largest output in its self-check"
     if not rows_alike:

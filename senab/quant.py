@@ -527,8 +527,10 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
 
 
 def _odd_layers_blocker(model: nn.Module, device: torch.device) -> str:
-    """Return why the layers that panels cannot take (output size not a multiple of 16) cannot
-    go to oneDNN's layout instead, or "" when there are none or they can."""
+    """Return why oneDNN cannot take the layers that panels cannot (output size not a multiple of 16).
+
+    Returns "" when there are no such layers or oneDNN can take them.
+    """
     odd = [m for m in model.modules() if type(m) is nn.Linear and m.out_features % PANEL]
     if not odd:
         return ""

@@ -307,7 +307,7 @@ def test_serve_explains_a_quantization_it_cannot_use(flags, code, message, tmp_p
     run_serve_expecting(flags, code, message, tmp_path, {})
 
 
-def test_serve_refuses_an_unknown_native_kernels_value(tmp_path):
+def test_serve_rejects_bad_native_kernels(tmp_path):
     run_serve_expecting([], 2, "invalid setting SENAB_NATIVE_KERNELS='maybe': Value error, SENAB_NATIVE_KERNELS "
                         "must be 1 or 0", tmp_path, {"SENAB_NATIVE_KERNELS": "maybe"})
 

@@ -21,7 +21,7 @@ PROMPTS = ["Hello there", "Tell me a long story about the sea", "Hi"]
 
 needs_panels = pytest.mark.skipif(packed.panel_blocker() is not None,
                                   reason=f"the AVX2 float32 product does not serve here: {packed.panel_blocker()}")
-# auto's two float32 layouts; "mkldnn" is what auto takes where the AVX2 product does not serve.
+# The two float32 layouts of auto. It takes "mkldnn" where the AVX2 product does not serve.
 LAYOUTS = [pytest.param("panels", marks=needs_panels), "mkldnn"]
 TARGETS = {"panels": "the AVX2 float32 product", "mkldnn": "oneDNN"}
 
@@ -250,7 +250,8 @@ def test_panels_match_float64(rows, shape):
     with torch.inference_mode():
         out = layer(inputs)
     expected = inputs.double() @ weight.double().t() + bias.double()
-    assert out.shape == (rows, shape[0]) and out.dtype == torch.float32
+    assert out.shape == (rows, shape[0])
+    assert out.dtype == torch.float32
     assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
@@ -303,7 +304,7 @@ def test_panels_reject_bad_input():
 
 
 @needs_panels
-def test_pack_model_in_panels_keeps_odd_layers_on_onednn():
+def test_pack_model_odd_layers_onednn():
     model = nn.Sequential(nn.Linear(40, 32), nn.Linear(32, 20))
     expected = model(torch.ones(3, 40))
     assert pack_model(model, "panels") == 2
@@ -312,7 +313,7 @@ def test_pack_model_in_panels_keeps_odd_layers_on_onednn():
         torch.testing.assert_close(model(torch.ones(3, 40)), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_panel_blocker_says_why(monkeypatch):
+def test_panel_blocker_reasons(monkeypatch):
     monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
     packed.panel_blocker.cache_clear()
     try:
@@ -326,7 +327,7 @@ def test_panel_blocker_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_packed_layer_refuses_wrong_width_and_gradients(layout):
+def test_packed_rejects_width_and_gradients(layout):
     layer = PackedLinear(torch.randn(32, 40), torch.zeros(32), torch.float32, layout)
     with pytest.raises(ValueError, match=r"shape \(4, 20\) for a packed layer of 40 inputs"):
         layer(torch.randn(4, 20))
@@ -339,7 +340,7 @@ def test_packed_layer_refuses_wrong_width_and_gradients(layout):
         assert layer(inputs).shape == (3, 32)
 
 
-def test_panels_refused_where_the_product_cannot_serve(monkeypatch):
+def test_panels_rejected_without_product(monkeypatch):
     monkeypatch.setattr(packed, "panel_blocker", lambda: "the CPU lacks fma")
     packed._panel_product.cache_clear()
     try:
@@ -350,8 +351,8 @@ def test_panels_refused_where_the_product_cannot_serve(monkeypatch):
 
 
 @needs_panels
-def test_auto_checks_the_layers_panels_leave_to_onednn(monkeypatch):
-    # Whether oneDNN rounds a 100 x 32 layer's rows alike depends on the CPU; the test fixes both answers.
+def test_auto_checks_odd_onednn_layers(monkeypatch):
+    # Whether oneDNN rounds a 100 x 32 layer's rows alike depends on the CPU, so the test sets both outcomes.
     monkeypatch.setattr("senab.quant.batch_dependent_shape", lambda modules, **options: None)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 100))
     report = quantize_model(model, "auto", torch.float32)

@@ -48,11 +48,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama as llama
 
 from senab import native
 from senab.bridge import BridgedProjection
+from senab.kvcache import GrowingLayer
 from senab.packed import cpu_flags
 from senab.quant import Int4Linear
 
@@ -82,6 +84,14 @@ ATTENTION_KERNELS = {
 }
 
 
+# The small operations between a layer's products as four compiled calls (senab/csrc/decode_layer.cpp).
+# No products are fused into additions, so that they round where PyTorch's operations round.
+LAYER_SOURCE = "decode_layer.cpp"
+LAYER_FLAGS = (*native.COMMON_FLAGS, "-ffp-contract=off")
+LAYER_DTYPES = (torch.float32, torch.bfloat16)
+_SILU = (SiLUActivation, nn.SiLU)
+
+
 class LlamaDecodeStep:
     """One decode step of a `LlamaForCausalLM`: one new token per row, cache in place."""
 
@@ -98,6 +108,13 @@ class LlamaDecodeStep:
         # those of `ATTENTION_KERNELS` that build and pass their self-check here).
         self.native_attention: dict[torch.dtype, object] = {}
         self._attention_checked: set[torch.dtype] = set()
+        # The compiled operations between products (`layer_ops_blocker`), None where they cannot serve.
+        self.layer_ops = None
+        self._layer_ops_checked = False
+        # Per layer: whether the compiled operations may run it, and the norm whose input
+        # its last residual add feeds, when that add and norm may run as one call.
+        self._compiled: list[bool] = []
+        self._next_norm: list[llama.LlamaRMSNorm | None] = []
         # Built now rather than at the first step, so that the memory is taken at start.
         self.refresh()
 
@@ -122,6 +139,26 @@ class LlamaDecodeStep:
         for index, layer in enumerate(self.layers):
             self._fused(index, "qkv", _qkv(layer.self_attn))
             self._fused(index, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj))
+        if not self._layer_ops_checked:
+            self._layer_ops_checked = True
+            problem = layer_ops_blocker()
+            if problem is None:
+                self.layer_ops = torch.ops.senab_layer
+            else:
+                logger.info("decode steps run the operations between products in PyTorch: %s", problem)
+        self._compiled = [self.layer_ops is not None and hooks != "all" and dtype in LAYER_DTYPES
+                          and type(layer.mlp.act_fn) in _SILU
+                          and all(_plain_norm(norm, dtype) for norm in (layer.input_layernorm,
+                                                                          layer.post_attention_layernorm))
+                          for layer, hooks in zip(self.layers, self._layer_hooks)]
+        # The next layer's input norm where that layer has no hooks (a pre-hook must see the
+        # sum before its norm), and the model's final norm after the last layer.
+        self._next_norm = [following.input_layernorm if self._compiled[index + 1]
+                           and self._layer_hooks[index + 1] == "none" else None
+                           for index, following in enumerate(self.layers[1:])]
+        final = self.inner.norm
+        self._next_norm.append(final if self.layer_ops is not None and type(final) is llama.LlamaRMSNorm
+                               and not _hooked(final) and _plain_norm(final, dtype) else None)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LlamaDecodeStep | None:
@@ -171,7 +208,11 @@ class LlamaDecodeStep:
         position_embeddings = self.inner.rotary_emb(hidden, position_ids=position_ids)
         cos = position_embeddings[0].unsqueeze(1)
         sin = position_embeddings[1].unsqueeze(1)
+        ops = self.layer_ops if hidden.dtype in LAYER_DTYPES else None
+        gqa = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1"
+        normed = None  # the input norm of `hidden`, where the last layer computed it
         for index, layer in enumerate(self.layers):
+            carried, normed = normed, None
             hooks = self._layer_hooks[index]
             if hooks != "none":
                 options = dict(attention_mask=mask, position_embeddings=position_embeddings,
@@ -183,16 +224,50 @@ class LlamaDecodeStep:
                 if len(args) != 1 or args[0] is not hidden or kwargs != options:
                     hidden = layer.forward(*args, **kwargs)  # as `nn.Module.__call__` does after pre-hooks
                     continue
+            cache_layer = cache.layers[index]
+            if ops is not None and self._compiled[index] and type(cache_layer) is GrowingLayer and not gqa:
+                hidden, normed = self._compiled_layer(ops, layer, hidden, carried, position_embeddings, mask,
+                                                      cache_layer, index)
+                continue
             # No module of this layer has hooks, so calling `forward` directly skips only
             # `nn.Module.__call__`'s checks for them (about 4% of a one-row step, paired steps).
             residual = hidden
             attention = self._attention(layer.self_attn, layer.input_layernorm.forward(hidden), cos, sin, mask,
-                                        cache, index)
+                                        cache, index, gqa)
             hidden = residual + attention
             residual = hidden
             hidden = residual + self._mlp(layer.mlp, layer.post_attention_layernorm.forward(hidden), index)
-        hidden = self.inner.norm(hidden)
+        hidden = self.inner.norm(hidden) if normed is None else normed
         return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
+
+    def _compiled_layer(self, ops, layer: llama.LlamaDecoderLayer, hidden: torch.Tensor, normed: torch.Tensor | None,
+                        position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                        cache_layer: GrowingLayer, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run a decoder layer with the compiled operations between its products.
+
+        `normed` is the layer's input norm of `hidden` where the previous layer computed it.
+        Returns the layer's output and, where `_next_norm` names one, that norm of it.
+        """
+        attention, mlp = layer.self_attn, layer.mlp
+        if normed is None:
+            norm = layer.input_layernorm
+            normed = ops.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        query, key, value = self._projections(attention, normed, index)
+        head_dim = attention.head_dim
+        keys, values, position = cache_layer.reserve((hidden.shape[0], key.shape[-1] // head_dim, head_dim), hidden)
+        # (B, key heads, groups, D): each group's heads are the query positions of its key head.
+        query = ops.rope_cache(query, key, value, position_embeddings[0], position_embeddings[1], keys, values,
+                               position, attention.num_key_value_groups)
+        cache_layer.advance()
+        out = self._attend(attention, query, cache_layer.keys, cache_layer.values, mask, gqa=False)
+        norm = layer.post_attention_layernorm
+        hidden, normed = ops.add_rms_norm(hidden, out, norm.weight, norm.variance_epsilon)
+        gate, up = self._gate_up(mlp, normed, index)
+        down = _project(mlp.down_proj, ops.silu_mul(gate, up))
+        following = self._next_norm[index]
+        if following is None:
+            return hidden + down, None
+        return ops.add_rms_norm(hidden, down, following.weight, following.variance_epsilon)
 
     @staticmethod
     def _hooks_of(layer: llama.LlamaDecoderLayer) -> str:
@@ -232,51 +307,64 @@ class LlamaDecodeStep:
             self._fusions[(index, kind)] = cached
         return cached[2]
 
-    def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
-        """Run `LlamaMLP.forward`, with the gate and up projections in one 4-bit product where they fuse."""
+    def _gate_up(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the gate and up projections of `hidden`, from one 4-bit product where they fuse."""
         fused = self._fusions[(index, "gate_up")][2]
         if fused is None:
-            return mlp.forward(hidden)
+            return _project(mlp.gate_proj, hidden), _project(mlp.up_proj, hidden)
         gate, up = _project(fused, hidden).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
+        return gate, up
+
+    def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """Run `LlamaMLP.forward`, with the gate and up projections in one 4-bit product where they fuse."""
+        if self._fusions[(index, "gate_up")][2] is None:
+            return mlp.forward(hidden)
+        gate, up = self._gate_up(mlp, hidden, index)
         return _project(mlp.down_proj, mlp.act_fn.forward(gate) * up)
 
-    def _attention(self, attention: llama.LlamaAttention, hidden: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache, index: int) -> torch.Tensor:
-        """Run `LlamaAttention.forward` with `sdpa_attention_forward` for one query position."""
-        batch = hidden.shape[0]
-        shape = (batch, 1, -1, attention.head_dim)
+    def _projections(self, attention: llama.LlamaAttention, hidden: torch.Tensor, index: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the (B, 1, width) q, k and v of `hidden`, bridge deltas included, from one product where they fuse."""
         projections = _qkv(attention)
         fused = self._fusions[(index, "qkv")][2]
         if fused is None:
-            query, key, value = (_project(projection, hidden) for projection in projections)
-        else:
-            outputs = _project(fused, hidden).split([_base(p).out_features for p in projections], -1)
-            # The bridge's k and v projections add their deltas to their share of the product.
-            query, key, value = (p.add_delta(out) if type(p) is BridgedProjection else out
-                                 for p, out in zip(projections, outputs))
+            return tuple(_project(projection, hidden) for projection in projections)
+        outputs = _project(fused, hidden).split([_base(p).out_features for p in projections], -1)
+        # The bridge's k and v projections add their deltas to their share of the product.
+        return tuple(p.add_delta(out) if type(p) is BridgedProjection else out for p, out in zip(projections, outputs))
+
+    def _attention(self, attention: llama.LlamaAttention, hidden: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache, index: int,
+                   gqa: bool) -> torch.Tensor:
+        """Run `LlamaAttention.forward` with `sdpa_attention_forward` for one query position."""
+        batch = hidden.shape[0]
+        shape = (batch, 1, -1, attention.head_dim)
+        query, key, value = self._projections(attention, hidden, index)
         query = query.view(shape).transpose(1, 2)
         key = key.view(shape).transpose(1, 2)
         value = value.view(shape).transpose(1, 2)
         query = query * cos + llama.rotate_half(query) * sin
         key = key * cos + llama.rotate_half(key) * sin
         key, value = cache.update(key, value, index)
-
-        options = {}
         groups = attention.num_key_value_groups
-        if groups > 1:
-            if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1":
-                options["enable_gqa"] = True
-            else:
-                # One query position: the heads of a group become its query positions. Also
-                # where transformers would pass `enable_gqa` (no mask): see the module's notes.
-                query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
+        if groups > 1 and not gqa:
+            # One query position: the heads of a group become its query positions. Also
+            # where transformers would pass `enable_gqa` (no mask): see the module's notes.
+            query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
+        return self._attend(attention, query, key, value, mask, gqa=groups > 1 and gqa)
+
+    def _attend(self, attention: llama.LlamaAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+        """Return the o projection of the attention of (B, heads, G, D) `query` over the cache."""
         kernel = self.native_attention.get(query.dtype)
-        if kernel is not None and not options and _native_attention_takes(query, key, value, mask):
+        if kernel is not None and not gqa and _native_attention_takes(query, key, value, mask):
             out = kernel(query, key, value, mask, attention.scaling)
         else:
+            options = {"enable_gqa": True} if gqa else {}
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                                  scale=attention.scaling, is_causal=False, **options)
         # (B, heads, 1, D) to (B, 1, heads * D), moving the same values as transformers' reshapes.
+        batch = query.shape[0]
         out = out.reshape(batch, -1, 1, value.shape[-1]).transpose(1, 2).reshape(batch, 1, -1)
         return _project(attention.o_proj, out)
 
@@ -330,6 +418,56 @@ def attention_kernel_blocker(dtype: torch.dtype) -> str | None:
     if not error <= kernel.tolerance:
         return f"the compiled attention is off by {error:.3g} in its self-check"
     return None
+
+
+@functools.cache
+def layer_ops_blocker() -> str | None:
+    """Return why the compiled operations between a layer's products cannot serve here, or None (builds them once).
+
+    A self-check in both dtypes compares them with transformers' modules, which they equal
+    to the bit.
+    """
+    problem = native.load(LAYER_SOURCE, LAYER_FLAGS, "senab_layer::rope_cache")
+    if problem:
+        return problem
+    ops = torch.ops.senab_layer
+    generator = torch.Generator().manual_seed(0)
+    config = llama.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    rotary = llama.LlamaRotaryEmbedding(config)
+    for dtype in LAYER_DTYPES:
+        def sample(*shape):
+            return torch.randn(*shape, generator=generator).to(dtype)
+
+        hidden, other, qkv = sample(3, 1, 128), sample(3, 1, 128), sample(3, 1, 256)
+        norm = llama.LlamaRMSNorm(128, eps=1e-5).to(dtype)
+        norm.weight.data = sample(128)
+        query, key, value = qkv.split([128, 32 * 2, 32 * 2], -1)
+        cos, sin = rotary(hidden, torch.tensor([[5], [9], [0]]))
+        keys, values = sample(3, 2, 8, 32), sample(3, 2, 8, 32)
+        try:
+            total, normed = ops.add_rms_norm(hidden, other, norm.weight, norm.variance_epsilon)
+            rotated = ops.rope_cache(query, key, value, cos, sin, keys, values, 6, 2)
+            activated = ops.silu_mul(hidden, other)
+        except RuntimeError as error:
+            return f"the compiled layer operations failed their self-check: {error}"
+        shape = (3, 1, -1, 32)
+        expected_query, expected_key = (x.view(shape).transpose(1, 2) * cos.unsqueeze(1)
+                                        + llama.rotate_half(x.view(shape).transpose(1, 2)) * sin.unsqueeze(1)
+                                        for x in (query, key))
+        exact = (torch.equal(total, hidden + other) and torch.equal(normed, norm(hidden + other))
+                 and torch.equal(activated, F.silu(hidden) * other)
+                 and torch.equal(rotated.view(3, 4, 1, 32), expected_query)
+                 and torch.equal(keys[:, :, 6:7], expected_key)
+                 and torch.equal(values[:, :, 6:7], value.view(shape).transpose(1, 2)))
+        if not exact:
+            return f"the compiled layer operations disagree with transformers' in {str(dtype).removeprefix('torch.')}"
+    return None
+
+
+def _plain_norm(norm: nn.Module, dtype: torch.dtype) -> bool:
+    """Return whether `norm` is transformers' RMS norm with a contiguous weight of `dtype`, as the compiled norm takes."""
+    return (type(norm) is llama.LlamaRMSNorm and not _hooked(norm) and norm.weight.dtype == dtype
+            and norm.weight.dim() == 1 and norm.weight.is_contiguous())
 
 
 def _project(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,29 @@ class GrowingLayer(DynamicLayer):
         self._key_length = self._value_length = end
         return self.keys, self.values
 
+    def reserve(self, shape: tuple[int, int, int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Make room for one new position of (B, heads, D) keys and values; return both buffers and its index.
+
+        New buffers take `like`'s dtype and device. For a caller that writes the position itself (a compiled decode step); it then calls
+        `advance`. Until then the layer's keys and values do not include the position.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        if self._key_length != self._value_length:
+            raise RuntimeError(f"cache layer has {self._key_length} key positions but {self._value_length} value "
+                               "positions: assign both keys and values before the next update")
+        start = self._key_length
+        if self._key_buffer is None or start + 1 > self._key_buffer.shape[-2]:
+            batch, heads, dim = shape
+            template = like.new_empty((batch, heads, 1, dim))
+            self._key_buffer = _grow(self._key_buffer, template, start, start + 1)
+            self._value_buffer = _grow(self._value_buffer, template, start, start + 1)
+        return self._key_buffer, self._value_buffer, start
+
+    def advance(self) -> None:
+        """Count the position that the last `reserve` made room for and the caller wrote."""
+        self._key_length = self._value_length = self._key_length + 1
+
     def get_seq_length(self) -> int:
         return self._key_length
 

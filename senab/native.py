@@ -182,7 +182,7 @@ def build_all() -> list[Path]:
     """
     from senab import fastdecode, int4_batch, nca, packed  # here, because they import this module
 
-    sources = [(nca.NATIVE_SOURCE, nca.NATIVE_FLAGS)]
+    sources = [(nca.NATIVE_SOURCE, nca.NATIVE_FLAGS), (fastdecode.LAYER_SOURCE, fastdecode.LAYER_FLAGS)]
     if platform.machine().lower() in ("x86_64", "amd64"):
         sources += [(product.source, product.flags) for product in int4_batch.PRODUCTS]
         sources += [(kernel.source, kernel.flags) for kernel in fastdecode.ATTENTION_KERNELS.values()]

@@ -195,6 +195,43 @@ def test_step_equals_forward_call(dtype, bridged):
                 assert np.array_equal(x.readout, y.readout)
 
 
+@pytest.mark.skipif(fastdecode.layer_ops_blocker() is not None,
+                    reason=f"no compiled layer operations here: {fastdecode.layer_ops_blocker()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bridged", [False, True], ids=["base", "bridge"])
+def test_compiled_layers_run_and_equal_forward_call(dtype, bridged, monkeypatch):
+    """Every layer runs on the compiled operations between products, the bridge's too, to the same bits."""
+    model, tokenizer = make_tiny_llama(seed=0)
+    model.to(dtype)
+    fast, slow, _ = generators(model, tokenizer, bridged)
+    assert fast.decode_step.layer_ops is not None
+    compiled = []
+    original = LlamaDecodeStep._compiled_layer
+
+    def counted(self, *args):
+        compiled.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(LlamaDecodeStep, "_compiled_layer", counted)
+    requests = requests_for(tokenizer, sessions=bridged)
+    assert_same_steps(step_logits(fast, requests[:2], join=requests[2]),
+                      step_logits(slow, requests[:2], join=requests[2]))
+    assert set(compiled) == set(range(model.config.num_hidden_layers))
+
+
+def test_step_without_compiled_layers(monkeypatch, caplog):
+    """Where the compiled operations cannot serve, the step says why and runs PyTorch's."""
+    monkeypatch.setattr(fastdecode, "layer_ops_blocker", lambda: "kept off by the test")
+    monkeypatch.setattr(LlamaDecodeStep, "_compiled_layer", None)  # a call would fail
+    model, tokenizer = make_tiny_llama(seed=0)
+    with caplog.at_level("INFO", logger="senab.fastdecode"):
+        fast, slow, _ = generators(model, tokenizer, bridged=True)
+    assert fast.decode_step.layer_ops is None
+    assert "operations between products in PyTorch: kept off by the test" in caplog.text
+    requests = requests_for(tokenizer, sessions=True)
+    assert_same_steps(step_logits(fast, requests[:2]), step_logits(slow, requests[:2]))
+
+
 def wide_tiny_llama() -> tuple[LlamaForCausalLM, object]:
     """Build a tiny Llama whose K/V width (64) is a whole block of the 4-bit layout, so q, k and v fuse."""
     tokenizer = make_tiny_tokenizer()

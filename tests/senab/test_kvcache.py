@@ -68,3 +68,31 @@ def test_growing_layer_left_padding_with_spare_capacity():
     assert growing._value_buffer.shape[-2] == 8
     assert torch.equal(growing.values, reference.values)
     assert torch.equal(growing.keys, reference.keys)
+
+
+def test_growing_layer_reserve_and_advance_match_update():
+    """A caller that writes the new position itself (the compiled decode step) gets what `update` gives."""
+    growing, reference = GrowingLayer(), GrowingLayer()
+    prompt = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    growing.update(*prompt)
+    reference.update(*prompt)
+    for step in range(MIN_SPARE + 10):  # past the spare capacity, so the buffers grow once
+        k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        keys, values, position = growing.reserve((2, 3, 4), k)
+        assert position == 5 + step
+        assert growing.get_seq_length() == position  # not counted before `advance`
+        keys[:, :, position].copy_(k[:, :, 0])
+        values[:, :, position].copy_(v[:, :, 0])
+        growing.advance()
+        expected = reference.update(k, v)
+        assert torch.equal(growing.keys, expected[0])
+        assert torch.equal(growing.values, expected[1])
+
+
+def test_growing_layer_reserve_starts_an_empty_layer():
+    layer = GrowingLayer()
+    like = torch.zeros((), dtype=torch.bfloat16)
+    keys, values, position = layer.reserve((3, 2, 8), like)
+    assert position == 0
+    assert keys.shape == values.shape == (3, 2, MIN_SPARE + 1, 8)
+    assert keys.dtype == torch.bfloat16

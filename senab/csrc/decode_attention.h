@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -15,6 +16,7 @@ namespace senab_decode_attention {
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxGroup = 16;  // query heads per key/value head
+constexpr int64_t kMinParallelWork = 1 << 18;  // multiply-adds per thread's chunk, at least
 
 // Returns the contiguous (B, H, G, D) attention of query q (B, H, G, D) over k and v (B, H, S, D).
 // Each has its last dimension contiguous. The mask is absent or boolean (B, 1, 1, S), true
@@ -55,7 +57,11 @@ at::Tensor run(const char* op, at::ScalarType dtype, const char* dtype_name, int
   const T* kd = k.const_data_ptr<T>();
   const T* vd = v.const_data_ptr<T>();
   T* od = out.mutable_data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // A unit (one row's key/value head) is about 2 * G * S * D multiply-adds. Waking the other
+  // threads costs tens of microseconds on a small virtual machine, more than one row's whole
+  // attention at a few hundred positions, so units are split only in chunks worth it.
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, 2 * G * S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / H, h = unit % H;

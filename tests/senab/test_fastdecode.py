@@ -75,6 +75,23 @@ def test_native_attention_matches_float64(rows, dtype, tolerance, multiple):
 
 
 @pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
+@pytest.mark.parametrize("positions", [1, 15, 16, 17, 33])
+def test_native_attention_any_length(positions, dtype, tolerance, multiple):
+    """Lengths around the 16 positions the bfloat16 kernel scores at once; a row with every position masked gives 0."""
+    generator = torch.Generator().manual_seed(positions)
+    query = torch.randn(3, 3, 3, 64, generator=generator).to(dtype)
+    key, value = (torch.randn(3, 3, positions, 64, generator=generator).to(dtype) for _ in range(2))
+    mask = torch.ones(3, 1, 1, positions, dtype=torch.bool)
+    mask[1, ..., : positions - 1] = False  # only the last position
+    mask[2] = False
+    out = native_attention(query, key, value, mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[:2].double(), key[:2].double(), value[:2].double(), attn_mask=mask[:2], scale=0.125)
+    assert (out[:2].double() - expected).abs().max() <= tolerance
+    assert not out[2].any()
+
+
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
 def test_native_attention_row_invariant_and_masked(dtype, tolerance, multiple):
     generator = torch.Generator().manual_seed(1)
     query = torch.randn(16, 3, 3, 64, generator=generator).to(dtype)

@@ -3,7 +3,10 @@
 // PyTorch's CPU flash attention spends most of a decode step's attention call on its own
 // set-up. Take SmolLM2-135M's shapes (3 key/value heads of 64, 3 query heads each) on a
 // 2-core AMD EPYC: 16 rows at about 70 positions took about 170 us per layer, for about
-// 1.5 M multiply-adds. Here one call does that arithmetic directly (58 us).
+// 1.5 M multiply-adds. Here one call does that arithmetic directly (58 us). Scores are taken
+// 16 positions at a time, so that their sums, scale, mask and exp run on whole vectors: on a
+// 2-core Xeon with AMX, 16 rows at 100 positions went from 147 to 117 us per layer and one
+// row at 75 positions from 19 to 8 us.
 //
 // Per row b and key/value head h, for each of its G query heads g:
 //   score[s] = scale * q[g] . k[s]  (float32; -inf where mask[b][s] is false)
@@ -55,7 +58,8 @@ inline __m512 sum_each(__m512 (&p)[16]) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp(x) for x <= 0, within about 2 float32 ulps (Cephes' expf polynomial); 0 below -87.
+// exp(x) for x <= 0 with Cephes' expf polynomial, and 0 below -87. The attention tests bound
+// the whole result against float64.
 inline __m512 exp_nonpositive(__m512 x) {
   const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),

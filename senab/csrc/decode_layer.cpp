@@ -105,8 +105,8 @@ void scale_row(const T* x, const T* weight, T* out, int64_t n, float scale) {
 }
 
 // transformers' LlamaRMSNorm: weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(dtype).
-// The squares are summed by at::sum, as PyTorch's mean does, so that the sums (and so the
-// norm) equal PyTorch's to the bit; each row is summed alone whatever the batch.
+// at::sum adds the squares, as PyTorch's mean does, so the norm equals PyTorch's to the bit.
+// It sums each row alone, whatever the batch.
 template <typename T>
 void norm_rows(const T* x, int64_t rows, int64_t stride, const T* weight, T* out, int64_t n, double eps) {
   at::Tensor squares = at::empty({rows, n}, at::TensorOptions().dtype(at::kFloat));

@@ -50,7 +50,8 @@ def test_norms_and_activation_equal_transformers(rows, dtype):
     fused = sample(generator, rows, 1, 2 * 1536, dtype=dtype)
     gate, up = fused.split([1536, 1536], -1)
     out = ops().silu_mul(gate, up)
-    assert out.shape == (rows, 1, 1536) and out.dtype == dtype
+    assert out.shape == (rows, 1, 1536)
+    assert out.dtype == dtype
     assert torch.equal(out, F.silu(gate) * up)
     # Two-dimensional inputs give two-dimensional outputs.
     assert torch.equal(ops().rms_norm(residual[:, 0], norm.weight, 1e-5), norm(residual[:, 0]))
@@ -98,9 +99,11 @@ def test_rows_do_not_depend_on_the_batch(dtype):
         alone_total, alone_normed = ops().add_rms_norm(hidden[one], update[one], weight, 1e-5)
         alone_query = ops().rope_cache(*qkv[one].split([576, 192, 192], -1), cos[one], sin[one], alone_keys,
                                        alone_values, 3, 3)
-        assert torch.equal(alone_total[0], total[row]) and torch.equal(alone_normed[0], normed[row])
+        assert torch.equal(alone_total[0], total[row])
+        assert torch.equal(alone_normed[0], normed[row])
         assert torch.equal(alone_query[0], query[row])
-        assert torch.equal(alone_keys[0], keys[row]) and torch.equal(alone_values[0], values[row])
+        assert torch.equal(alone_keys[0], keys[row])
+        assert torch.equal(alone_values[0], values[row])
 
 
 def test_bad_input_names_the_value():

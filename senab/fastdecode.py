@@ -245,7 +245,11 @@ class LlamaDecodeStep:
             hidden = residual + attention
             residual = hidden
             hidden = residual + self._mlp(layer.mlp, layer.post_attention_layernorm.forward(hidden), index)
-        hidden = self.inner.norm(hidden) if normed is None else normed
+        if normed is None or _hooked(self.inner.norm):
+            # A hook added to the final norm since the last prefill still runs.
+            hidden = self.inner.norm(hidden)
+        else:
+            hidden = normed
         return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
 
     def _compiled_layer(self, ops, layer: llama.LlamaDecoderLayer, hidden: torch.Tensor, normed: torch.Tensor | None,
@@ -271,7 +275,9 @@ class LlamaDecodeStep:
         norm = layer.post_attention_layernorm
         hidden, normed = ops.add_rms_norm(hidden, out, norm.weight, norm.variance_epsilon)
         gate, up = self._gate_up(mlp, normed, index)
-        down = _project(mlp.down_proj, ops.silu_mul(gate, up))
+        # The activation is checked at each step, as the Python path calls whatever module is there.
+        activated = ops.silu_mul(gate, up) if type(mlp.act_fn) in _SILU else mlp.act_fn(gate) * up
+        down = _project(mlp.down_proj, activated)
         following = self._next_norm[index]
         if following is None:
             return hidden + down, None

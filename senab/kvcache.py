@@ -84,7 +84,8 @@ class GrowingLayer(DynamicLayer):
             raise RuntimeError(f"cache layer has {self._key_length} key positions but {self._value_length} value "
                                "positions: assign both keys and values before the next update")
         start = self._key_length
-        if self._key_buffer is None or start + 1 > self._key_buffer.shape[-2]:
+        if (self._key_buffer is None or self._value_buffer is None or start + 1 > self._key_buffer.shape[-2]
+                or start + 1 > self._value_buffer.shape[-2]):
             batch, heads, dim = shape
             template = like.new_empty((batch, heads, 1, dim))
             self._key_buffer = _grow(self._key_buffer, template, start, start + 1)
@@ -93,7 +94,10 @@ class GrowingLayer(DynamicLayer):
 
     def advance(self) -> None:
         """Count the position that the last `reserve` made room for and the caller wrote."""
-        self._key_length = self._value_length = self._key_length + 1
+        end = self._key_length + 1
+        if self._key_buffer is None or end > self._key_buffer.shape[-2] or end > self._value_buffer.shape[-2]:
+            raise RuntimeError(f"cache layer has no room for position {end - 1}: call reserve before advance")
+        self._key_length = self._value_length = end
 
     def get_seq_length(self) -> int:
         return self._key_length

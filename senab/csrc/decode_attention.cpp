@@ -58,8 +58,8 @@ inline __m512 sum_each(__m512 (&p)[16]) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp(x) for x <= 0 with Cephes' expf polynomial, and 0 below -87. The attention tests bound
-// the whole result against float64.
+// exp(x) for x <= 0 with Cephes' expf polynomial, 0 below -87 and NaN for NaN. The attention
+// tests bound the whole result against float64.
 inline __m512 exp_nonpositive(__m512 x) {
   const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
@@ -70,8 +70,10 @@ inline __m512 exp_nonpositive(__m512 x) {
   for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
     poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
   poly = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512 out = _mm512_scalef_ps(poly, n);
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), out);
+  const __m512 out = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ),
+                                         _mm512_scalef_ps(poly, n));
+  // A NaN score stays NaN, so that it reaches the output as in PyTorch's attention.
+  return _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
 }
 
 void attend(const at::BFloat16* q, int64_t q_head_stride, const at::BFloat16* k, const at::BFloat16* v,

@@ -18,8 +18,9 @@
 // (bfloat16 values are computed in float32 and rounded to nearest even), and no product is
 // fused into an addition (-ffp-contract=off). The norm's sums of squares and SiLU are
 // PyTorch's own (at::sum, at::silu). So every result equals that of transformers' modules to
-// the bit, and a greedy row decodes the same tokens on either path. Every row is computed
-// alone, so its result does not depend on the other rows of the batch.
+// the bit, and a greedy row decodes the same tokens on either path. A row's result does not
+// depend on the other rows of the batch, except where PyTorch's own SiLU gives a row's last
+// values of a float32 width that is not a multiple of its vector to a scalar loop.
 //
 // Inputs are (B, W) or (B, 1, W) with unit stride along W and any row stride, so the q, k
 // and v of a fused product can be passed as views without copies.
@@ -229,8 +230,8 @@ void check_cache(const at::Tensor& cache, const at::Tensor& like, int64_t rows, 
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == rows && cache.size(1) == kv_heads && cache.size(3) == dim,
               name, " must be (", rows, ", ", kv_heads, ", positions, ", dim, "), got ", cache.sizes());
   TORCH_CHECK(cache.stride(3) == 1, name, " must have unit stride along its last dimension");
-  TORCH_CHECK(0 <= position && position < cache.size(2), "position ", position, " is outside ", name, "'s ",
-              cache.size(2), " positions");
+  TORCH_CHECK(0 <= position && position < cache.size(2), "position ", position, " is outside the ", cache.size(2),
+              " positions of ", name);
 }
 
 at::Tensor rope_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
@@ -246,7 +247,10 @@ at::Tensor rope_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(ks.rows == B && vs.rows == B && cs.rows == B && ss.rows == B && ss.width == dim,
               "q, k, v, cos and sin must have the same rows, and cos and sin the same width");
   TORCH_CHECK(ks.width == vs.width && ks.width % dim == 0 && qs.width % dim == 0,
-              "k and v must have the same width, and q's and k's widths must be multiples of the head size ", dim);
+              "k and v must have the same width, and q's and k's widths must be multiples of the head size ", dim,
+              " (the width of cos)");
+  TORCH_CHECK(keys.dim() == 4 && keys.size(3) == dim, "keys must have the head size ", dim,
+              " of cos in their last dimension, got ", keys.sizes());
   const int64_t heads = qs.width / dim, kv_heads = ks.width / dim;
   TORCH_CHECK(groups >= 1 && heads == kv_heads * groups, "q's ", heads, " heads must be groups (", groups,
               ") times k's ", kv_heads);

@@ -92,6 +92,20 @@ def test_native_attention_any_length(positions, dtype, tolerance, multiple):
 
 
 @pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
+@pytest.mark.parametrize("where", [0, 5, 16, 19])
+def test_native_attention_keeps_nan(where, dtype, tolerance, multiple):
+    """A NaN in one key reaches the output of its row and head, as in PyTorch's attention."""
+    generator = torch.Generator().manual_seed(where)
+    query = torch.randn(2, 3, 3, 64, generator=generator).to(dtype)
+    key, value = (torch.randn(2, 3, 20, 64, generator=generator).to(dtype) for _ in range(2))
+    key[1, 2, where, 7] = float("nan")
+    out = native_attention(query, key, value, None)
+    assert out[1, 2].isnan().all()
+    assert not out[0].isnan().any()
+    assert not out[1, :2].isnan().any()
+
+
+@pytest.mark.parametrize("dtype, tolerance, multiple", KERNEL_CASES)
 def test_native_attention_row_invariant_and_masked(dtype, tolerance, multiple):
     generator = torch.Generator().manual_seed(1)
     query = torch.randn(16, 3, 3, 64, generator=generator).to(dtype)
@@ -234,6 +248,30 @@ def test_compiled_layers_run_and_equal_forward_call(dtype, bridged, monkeypatch)
     assert_same_steps(step_logits(fast, requests[:2], join=requests[2]),
                       step_logits(slow, requests[:2], join=requests[2]))
     assert set(compiled) == set(range(model.config.num_hidden_layers))
+
+
+@pytest.mark.skipif(fastdecode.layer_ops_blocker() is not None,
+                    reason=f"no compiled layer operations here: {fastdecode.layer_ops_blocker()}")
+def test_compiled_layers_follow_changes_mid_batch():
+    """A hook on the final norm and a new activation, both added after the prefill, take effect at the next step."""
+    model, tokenizer = make_tiny_llama(seed=0)
+    fast, slow, _ = generators(model, tokenizer, bridged=False)
+    requests = requests_for(tokenizer, sessions=False)[:2]
+    logits = {}
+    for name, generator in (("fast", fast), ("slow", slow)):
+        batch = DecodeBatch(generator)
+        batch.add(requests, [0, 1])
+        batch.step()
+        handle = model.model.norm.register_forward_hook(lambda module, args, out: out * 2)
+        activation = model.model.layers[0].mlp.act_fn
+        model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+        try:
+            batch.step()
+        finally:
+            handle.remove()
+            model.model.layers[0].mlp.act_fn = activation
+        logits[name] = batch.logits
+    assert torch.equal(logits["fast"], logits["slow"])
 
 
 def test_step_without_compiled_layers(monkeypatch, caplog):

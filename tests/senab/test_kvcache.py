@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -96,3 +97,14 @@ def test_growing_layer_reserve_starts_an_empty_layer():
     assert position == 0
     assert keys.shape == values.shape == (3, 2, MIN_SPARE + 1, 8)
     assert keys.dtype == torch.bfloat16
+
+
+def test_growing_layer_advance_without_reserve_raises():
+    layer = GrowingLayer()
+    with pytest.raises(RuntimeError, match="call reserve before advance"):
+        layer.advance()
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()  # exactly full, as after a merge
+    with pytest.raises(RuntimeError, match="no room for position 3"):
+        layer.advance()
+    assert layer.get_seq_length() == 3

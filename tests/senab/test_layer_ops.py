@@ -124,17 +124,24 @@ def test_bad_input_names_the_value():
     with pytest.raises(RuntimeError, match="up must be Float, got BFloat16"):
         ops().silu_mul(x, x.bfloat16())
 
-    q, kv = torch.zeros(2, 1, 4 * 16), torch.zeros(2, 1, 2 * 16)
-    cos = sin = torch.zeros(2, 1, 16)
-    cache = torch.zeros(2, 2, 5, 16)
-    with pytest.raises(RuntimeError, match="position 5 is outside keys's 5 positions"):
-        ops().rope_cache(q, kv, kv, cos, sin, cache, cache.clone(), 5, 2)
+    q, kv = torch.ones(2, 1, 4 * 16), torch.ones(2, 1, 2 * 16)
+    cos = sin = torch.ones(2, 1, 16)
+    keys, values = torch.full((2, 2, 5, 16), 7.0), torch.full((2, 2, 5, 16), 9.0)
+    with pytest.raises(RuntimeError, match="position 5 is outside the 5 positions of keys"):
+        ops().rope_cache(q, kv, kv, cos, sin, keys, values, 5, 2)
     with pytest.raises(RuntimeError, match=r"q's 4 heads must be groups \(3\) times k's 2"):
-        ops().rope_cache(q, kv, kv, cos, sin, cache, cache.clone(), 0, 3)
+        ops().rope_cache(q, kv, kv, cos, sin, keys, values, 0, 3)
     with pytest.raises(RuntimeError, match=r"values must be \(2, 2, positions, 16\)"):
-        ops().rope_cache(q, kv, kv, cos, sin, cache, torch.zeros(2, 3, 5, 16), 0, 2)
+        ops().rope_cache(q, kv, kv, cos, sin, keys, torch.zeros(2, 3, 5, 16), 0, 2)
     with pytest.raises(RuntimeError, match="cos must have an even, positive head size, got 15"):
-        ops().rope_cache(q, kv, kv, cos[..., :15], sin[..., :15], cache, cache.clone(), 0, 2)
+        ops().rope_cache(q, kv, kv, cos[..., :15], sin[..., :15], keys, values, 0, 2)
     with pytest.raises(RuntimeError, match="v must be Float, got BFloat16"):
-        ops().rope_cache(q, kv, kv.bfloat16(), cos, sin, cache, cache.clone(), 0, 2)
-    assert not cache.any()  # nothing was written by a refused call
+        ops().rope_cache(q, kv, kv.bfloat16(), cos, sin, keys, values, 0, 2)
+    with pytest.raises(RuntimeError, match=r"keys must have the head size 8 of cos"):
+        ops().rope_cache(q, kv, kv, cos[..., :8], sin[..., :8], keys, values, 0, 2)
+    # Refused calls write nothing into either cache.
+    assert torch.equal(keys, torch.full((2, 2, 5, 16), 7.0))
+    assert torch.equal(values, torch.full((2, 2, 5, 16), 9.0))
+    # The same arguments with a valid position do write, so the checks above can fail.
+    ops().rope_cache(q, kv, kv, cos, sin, keys, values, 4, 2)
+    assert not torch.equal(values, torch.full((2, 2, 5, 16), 9.0))

@@ -117,3 +117,15 @@ def test_unknown_switch_value_named(csrc, monkeypatch):
     monkeypatch.setenv("SENAB_NATIVE_KERNELS", "maybe")
     reason = native.load(SOURCE, native.COMMON_FLAGS, "senab_probe_namespace::missing")
     assert "invalid SENAB_NATIVE_KERNELS='maybe'" in reason
+
+
+@needs_compiler
+def test_shipped_sources_compile():
+    """Every shipped operator compiles here, so that no operator's tests are skipped for a broken source.
+
+    Tests of each operator skip where its blocker reports a reason, and a compile error is one.
+    """
+    libraries = native.build_all()
+    assert libraries
+    for library in libraries:
+        assert native.cached_library_problem(library) is None

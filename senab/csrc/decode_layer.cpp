@@ -141,10 +141,7 @@ void mul_row(const T* a, const T* b, T* out, int64_t n) {
 // transformers' q * cos + rotate_half(q) * sin, rounded after each operation; rotate_half
 // puts -x[half:] before x[:half].
 template <typename T>
-#if defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
+inline __attribute__((always_inline)) void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t j = 0; j < half; ++j)
     out[j] = store<T>(rounded<T>(to_float(x[j]) * to_float(cos[j])) +
@@ -152,6 +149,21 @@ void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
   for (int64_t j = half; j < dim; ++j)
     out[j] = store<T>(rounded<T>(to_float(x[j]) * to_float(cos[j])) +
                       rounded<T>(to_float(x[j - half]) * to_float(sin[j])));
+}
+
+// One row's q heads rotated into `q_out`, and its k heads rotated and v heads copied into the
+// cache (head strides `key_stride` and `value_stride`). One call per row rather than per head.
+template <typename T>
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void rope_row(const T* q, const T* k, const T* v, const T* cos, const T* sin, int64_t heads, int64_t kv_heads,
+              int64_t dim, T* q_out, T* key_out, int64_t key_stride, T* value_out, int64_t value_stride) {
+  for (int64_t h = 0; h < heads; ++h) rotate<T>(q + h * dim, cos, sin, q_out + h * dim, dim);
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    rotate<T>(k + h * dim, cos, sin, key_out + h * key_stride, dim);
+    std::memcpy(value_out + h * value_stride, v + h * dim, dim * sizeof(T));
+  }
 }
 
 template <typename T>
@@ -260,18 +272,13 @@ at::Tensor rope_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   auto run = [&](auto tag) {
     using T = decltype(tag);
     for (int64_t b = 0; b < B; ++b) {
-      const T* c = cos.const_data_ptr<T>() + b * cs.stride;
-      const T* s = sin.const_data_ptr<T>() + b * ss.stride;
-      for (int64_t h = 0; h < heads; ++h)
-        rotate<T>(q.const_data_ptr<T>() + b * qs.stride + h * dim, c, s,
-                  out.mutable_data_ptr<T>() + (b * heads + h) * dim, dim);
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t at_key = b * keys.stride(0) + h * keys.stride(1) + position * keys.stride(2);
-        const int64_t at_value = b * values.stride(0) + h * values.stride(1) + position * values.stride(2);
-        rotate<T>(k.const_data_ptr<T>() + b * ks.stride + h * dim, c, s, keys.mutable_data_ptr<T>() + at_key, dim);
-        std::memcpy(values.mutable_data_ptr<T>() + at_value, v.const_data_ptr<T>() + b * vs.stride + h * dim,
-                    dim * sizeof(T));
-      }
+      rope_row<T>(q.const_data_ptr<T>() + b * qs.stride, k.const_data_ptr<T>() + b * ks.stride,
+                  v.const_data_ptr<T>() + b * vs.stride, cos.const_data_ptr<T>() + b * cs.stride,
+                  sin.const_data_ptr<T>() + b * ss.stride, heads, kv_heads, dim,
+                  out.mutable_data_ptr<T>() + b * heads * dim,
+                  keys.mutable_data_ptr<T>() + b * keys.stride(0) + position * keys.stride(2), keys.stride(1),
+                  values.mutable_data_ptr<T>() + b * values.stride(0) + position * values.stride(2),
+                  values.stride(1));
     }
   };
   if (q.scalar_type() == at::kFloat) run(float{}); else run(BFloat16{});

@@ -35,8 +35,8 @@ residual add with the next layer's input norm. On a 2-core Xeon with AMX, paired
 Those layers also keep their inputs as (B, hidden) and call each product's kernel straight
 away, through a plan built once per number of rows (`_plan`): 1.05x to 1.13x for one row,
 1.10x to 1.16x for 8 rows and 1.11x to 1.22x for 16 in two paired runs.
-Hooks still
-run. The step runs a decoder layer's forward pre-hooks itself (the
+
+Hooks still run. The step runs a decoder layer's forward pre-hooks itself (the
 bridge's read-in is one). A layer with any other hook, on it or on a module whose forward
 call the step replaces (its norms, attention, MLP and projections), runs through its own
 `__call__`. Hooks on the model send the whole step through the model's forward call. The
@@ -67,7 +67,7 @@ from senab import native
 from senab.bridge import BridgedProjection
 from senab.kvcache import GrowingLayer
 from senab.packed import cpu_flags
-from senab.quant import _INT4_MM, GROUP_SIZE, Int4Linear
+from senab.quant import Int4Linear
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ class LlamaDecodeStep:
                            for index, following in enumerate(self.layers[1:])]
         self._plans.clear()
         final = self.inner.norm
-        self._next_norm.append(final if self.layer_ops is not None and type(final) is llama.LlamaRMSNorm
-                               and not _hooked(final) and _plain_norm(final, dtype) else None)
+        self._next_norm.append(final if self.layer_ops is not None and _plain_norm(final, dtype) else None)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LlamaDecodeStep | None:
@@ -375,19 +374,12 @@ class LlamaDecodeStep:
             self._fusions[(index, kind)] = cached
         return cached[2]
 
-    def _gate_up(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the gate and up projections of `hidden`, from one 4-bit product where they fuse."""
-        fused = self._fusions[(index, "gate_up")][2]
-        if fused is None:
-            return _project(mlp.gate_proj, hidden), _project(mlp.up_proj, hidden)
-        gate, up = _project(fused, hidden).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
-        return gate, up
-
     def _mlp(self, mlp: llama.LlamaMLP, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """Run `LlamaMLP.forward`, with the gate and up projections in one 4-bit product where they fuse."""
-        if self._fusions[(index, "gate_up")][2] is None:
+        fused = self._fusions[(index, "gate_up")][2]
+        if fused is None:
             return mlp.forward(hidden)
-        gate, up = self._gate_up(mlp, hidden, index)
+        gate, up = _project(fused, hidden).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
         return _project(mlp.down_proj, mlp.act_fn.forward(gate) * up)
 
     def _projections(self, attention: llama.LlamaAttention, hidden: torch.Tensor, index: int
@@ -558,19 +550,12 @@ class _LayerPlan:
 def _product(module: nn.Module, rows: int, dtype: torch.dtype):
     """Return a function of contiguous (rows, in) inputs that computes `module.forward` for decode steps.
 
-    A 4-bit layer without bias calls its kernel straight away: `_project` and `Int4Linear.kernel`
-    decide the same at every call, and their checks and reshapes were about 4 tensor
-    operations per product.
+    A 4-bit layer calls its kernel straight away (`Int4Linear.step_kernel`): `_project` and
+    `Int4Linear.kernel` made the same choice at every call, with checks and about 4 tensor
+    operations of reshapes per product.
     """
-    if (type(module) is Int4Linear and module.bias is None and module.scales_and_zeros.dtype == dtype
-            and not module.copy_serves(rows, 1)):
-        packed, scales = module.packed, module.scales_and_zeros
-        product = module.batch_product
-        if product is not None and product.serves(rows, 1) and dtype == torch.bfloat16:
-            operator = product._operator
-            return lambda x: operator(x, packed, scales)
-        return lambda x: _INT4_MM(x, packed, GROUP_SIZE, scales)
-    return module.forward
+    kernel = module.step_kernel(rows, dtype) if type(module) is Int4Linear else None
+    return module.forward if kernel is None else kernel
 
 
 def _plain_norm(norm: nn.Module, dtype: torch.dtype) -> bool:

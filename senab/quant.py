@@ -235,6 +235,21 @@ class Int4Linear(nn.Module):
             out = _INT4_MM(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias
 
+    def step_kernel(self, rows: int, dtype: torch.dtype):
+        """Return a function of contiguous (rows, in) `dtype` inputs that computes `kernel` for decode steps of `rows` rows.
+
+        It makes `kernel`'s choice once, for callers that run many steps of the same rows.
+        None where a bias, another dtype or the dense copy needs `forward`.
+        """
+        if self.bias is not None or self.scales_and_zeros.dtype != dtype or self.copy_serves(rows, 1):
+            return None
+        packed, scales = self.packed, self.scales_and_zeros
+        product = self.batch_product
+        if product is not None and product.serves(rows, 1) and dtype == torch.bfloat16:
+            operator = product._operator
+            return lambda flat: operator(flat, packed, scales)
+        return lambda flat: _INT4_MM(flat, packed, GROUP_SIZE, scales)
+
     def copy_serves(self, rows: int, positions: int) -> bool:
         """Return whether a call of `rows` rows of `positions` positions each runs on the dense copy."""
         product = self.batch_product

@@ -4,9 +4,9 @@
 // set-up. Take SmolLM2-135M's shapes (3 key/value heads of 64, 3 query heads each) on a
 // 2-core AMD EPYC: 16 rows at about 70 positions took about 170 us per layer, for about
 // 1.5 M multiply-adds. Here one call does that arithmetic directly (58 us). Scores are taken
-// 16 positions at a time, so that their sums, scale, mask and exp run on whole vectors: on a
-// 2-core Xeon with AMX, 16 rows at 100 positions went from 147 to 117 us per layer and one
-// row at 75 positions from 19 to 8 us.
+// 16 positions at a time, so that their sums, scale, mask and exp run on whole vectors. On a
+// 2-core Xeon with AMX, 16 rows at 100 positions then went from 147 to 117 us per layer, and
+// one row at 75 positions from 19 to 8 us.
 //
 // Per row b and key/value head h, for each of its G query heads g:
 //   score[s] = scale * q[g] . k[s]  (float32; -inf where mask[b][s] is false)

@@ -138,7 +138,7 @@ void mul_row(const T* a, const T* b, T* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = store<T>(to_float(a[j]) * to_float(b[j]));
 }
 
-// transformers' q * cos + rotate_half(q) * sin, rounded after each operation; rotate_half
+// transformers' q * cos + rotate_half(q) * sin, rounded after each operation. rotate_half
 // puts -x[half:] before x[:half].
 template <typename T>
 inline __attribute__((always_inline)) void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
@@ -166,7 +166,6 @@ void rope_row(const T* q, const T* k, const T* v, const T* cos, const T* sin, in
   }
 }
 
-template <typename T>
 void check_norm(const at::Tensor& x, const at::Tensor& weight, const Rows& shape) {
   check_dtype(weight, x, "weight");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == shape.width && weight.stride(0) == 1, "weight must be (",
@@ -180,7 +179,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor out = new_rows(x, shape.rows, shape.width);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    check_norm<T>(x, weight, shape);
+    check_norm(x, weight, shape);
     norm_rows<T>(x.const_data_ptr<T>(), shape.rows, shape.stride, weight.const_data_ptr<T>(),
                  out.mutable_data_ptr<T>(), shape.width, eps);
   };
@@ -201,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, cons
   at::Tensor out = new_rows(residual, shape.rows, shape.width);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    check_norm<T>(residual, weight, shape);
+    check_norm(residual, weight, shape);
     T* sum_data = sum.mutable_data_ptr<T>();
     for (int64_t b = 0; b < shape.rows; ++b)
       add_row<T>(residual.const_data_ptr<T>() + b * shape.stride, x.const_data_ptr<T>() + b * other.stride,

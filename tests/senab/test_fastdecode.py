@@ -275,7 +275,7 @@ def test_compiled_layers_follow_changes_mid_batch():
 
 
 def test_step_without_compiled_layers(monkeypatch, caplog):
-    """Where the compiled operations cannot serve, the step says why and runs PyTorch's."""
+    """Where the compiled operations cannot serve, the step logs why and runs PyTorch's."""
     monkeypatch.setattr(fastdecode, "layer_ops_blocker", lambda: "kept off by the test")
     monkeypatch.setattr(LlamaDecodeStep, "_compiled_layer", None)  # a call would fail
     model, tokenizer = make_tiny_llama(seed=0)

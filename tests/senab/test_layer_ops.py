@@ -94,10 +94,10 @@ def test_rows_do_not_depend_on_the_batch(dtype):
     total, normed = ops().add_rms_norm(hidden, update, weight, 1e-5)
     query = ops().rope_cache(*qkv.split([576, 192, 192], -1), cos, sin, keys, values, 3, 3)
     for row in (0, 9, 15):
-        one = slice(row, row + 1)
-        alone_keys, alone_values = torch.zeros_like(keys[one]), torch.zeros_like(values[one])
-        alone_total, alone_normed = ops().add_rms_norm(hidden[one], update[one], weight, 1e-5)
-        alone_query = ops().rope_cache(*qkv[one].split([576, 192, 192], -1), cos[one], sin[one], alone_keys,
+        single = slice(row, row + 1)
+        alone_keys, alone_values = torch.zeros_like(keys[single]), torch.zeros_like(values[single])
+        alone_total, alone_normed = ops().add_rms_norm(hidden[single], update[single], weight, 1e-5)
+        alone_query = ops().rope_cache(*qkv[single].split([576, 192, 192], -1), cos[single], sin[single], alone_keys,
                                        alone_values, 3, 3)
         assert torch.equal(alone_total[0], total[row])
         assert torch.equal(alone_normed[0], normed[row])

@@ -61,8 +61,8 @@ from torch import nn
 from senab import int4_batch
 from senab.int4_batch import BatchProduct
 from senab.packed import (
-    PANEL, PackedLinear, amx_blocker, batch_dependent_shape, pack_model, packing_blocker, panel_blocker,
-    rounds_rows_alike,
+    PANEL, PackedLinear, amx_blocker, batch_dependent_shape, output_packing_blocker, pack_model, packing_blocker,
+    panel_blocker, rounds_rows_alike,
 )
 
 logger = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ class QuantizationReport:
     relative_error: float = 0.0  # largest over the quantized layers
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
     dense_copies: bool = False  # int4 layers keep a packed bfloat16 copy for batches and prompts
-    packed_output: bool = False  # the output layer runs packed in bfloat16 (with the copies)
+    packed_output: bool = False  # the output layer runs packed in bfloat16 (`output_packing_blocker`)
     dense_copies_reason: str = ""  # why they do not, when int4 layers run without one
     batch_product: str = ""  # the 4-bit product for decode batches in use (`senab.int4_batch`), if any
     batch_product_reason: str = ""  # why none is, where int4 applies in auto mode
@@ -518,7 +518,7 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloa
         errors.append(grid.relative_error)
 
     output = _output_layer(model)
-    if report.dense_copies and output is not None:
+    if output is not None and mode == "auto" and (report.dense_copies or output_packing_blocker() is None):
         # Packed after the decoder layers, whose float32 weights are freed by now, so that
         # the load does not peak higher. Kept dense if its shape rounds rows by batch.
         packed_output = PackedOutputLayer(output)

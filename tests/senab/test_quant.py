@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -118,8 +120,10 @@ def test_auto_quantizes_a_model_on_a_q4_grid():
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             torch.testing.assert_close(module.dequantized_weight(), dense[name], atol=1e-6, rtol=0)
-    # The output layer keeps its values: plain, or packed in bfloat16 beside AMX copies.
-    assert isinstance(model.get_output_embeddings(), PackedOutputLayer if report.dense_copies else nn.Linear)
+    # The output layer keeps its values: plain, or packed in bfloat16 where the CPU multiplies
+    # bfloat16 natively.
+    assert report.packed_output == (report.dense_copies or quant.output_packing_blocker() is None)
+    assert isinstance(model.get_output_embeddings(), PackedOutputLayer if report.packed_output else nn.Linear)
 
 
 def test_auto_keeps_dense_weights_and_says_why():
@@ -270,10 +274,12 @@ def test_auto_dense_copies_where_they_pay(dense_copies):
     assert len(layers) == report.layers
     assert all((m.dense is not None) == dense_copies for m in layers)
     assert ("bfloat16 copies packed" in report.describe()) == dense_copies
-    # The output layer is packed with the copies, and its logits keep the model's dtype.
+    # The output layer is packed with the copies, and without them where the CPU multiplies
+    # bfloat16 natively; its logits keep the model's dtype.
     output = model.get_output_embeddings()
-    assert isinstance(output, PackedOutputLayer) == dense_copies == report.packed_output
-    if dense_copies:
+    assert report.packed_output == (dense_copies or quant.output_packing_blocker() is None)
+    assert isinstance(output, PackedOutputLayer) == report.packed_output
+    if report.packed_output:
         assert "output layer packed in bfloat16" in report.describe()
         model.to(torch.bfloat16)
         hidden = torch.randn(3, output.in_features, dtype=torch.bfloat16)
@@ -298,6 +304,37 @@ def test_no_amx_no_dense_copies(monkeypatch):
     assert report.applied == "int4"
     assert not report.dense_copies
     assert "no AMX tiles" in report.dense_copies_reason
+    # AVX-512 BF16 multiplies bfloat16 natively: the output layer is packed all the same.
+    assert report.packed_output == (packed._self_check(torch.bfloat16) is None)
+    assert isinstance(model.get_output_embeddings(), PackedOutputLayer) == report.packed_output
+
+
+def test_output_layer_stays_plain_without_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(packed, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert "natively" in packed.output_packing_blocker()
+    model, report = quantized_tiny_llama("auto")
+    assert report.applied == "int4"
+    assert not report.packed_output
+    assert type(model.get_output_embeddings()) is nn.Linear
+    assert "output layer" not in report.describe()
+
+
+@needs_bf16_packing
+def test_packed_output_layer_gives_the_plain_layers_logits():
+    model, _ = make_tiny_llama(seed=0)
+    snap_to_q4_1(model)
+    plain = copy.deepcopy(model.get_output_embeddings()).to(torch.bfloat16)
+    quantize_model(model, "auto", torch.bfloat16)
+    model.to(torch.bfloat16)
+    output = model.get_output_embeddings()
+    assert isinstance(output, PackedOutputLayer)
+    hidden = torch.randn(16, plain.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        # Same inputs, same weights rounded to bfloat16 once: the rounding of oneDNN's sums
+        # may differ from the plain product's only in the last bit.
+        torch.testing.assert_close(output(hidden), plain(hidden), atol=1e-3, rtol=2 ** -7)
+        for rows in (1, 5, 16):
+            assert torch.equal(output(hidden[:rows]), output(hidden)[:rows])
 
 
 def test_row_dependent_copies_are_dropped(monkeypatch):

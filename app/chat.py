@@ -257,8 +257,9 @@ class ChatService:
                 return Turn(self, prompt_tokens=record.last_prompt_tokens, replay=replay, **common)
 
             job = self.engine.submit(
+                # Cached prompt prefixes stay within the tenant (see senab.prefix).
                 GenerationRequest(prompt.ids, params, session=session.record.state if use_bridge else None,
-                                  turn_start=prompt.turn_start),
+                                  turn_start=prompt.turn_start, cache_salt=tenant),
                 request_id=request_id, timeout_s=self.request_timeout_s,
             )
             return Turn(self, prompt_tokens=len(prompt.ids), job=job, idempotency_id=stored_id, **common)

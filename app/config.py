@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before new ones get 429.")
     max_batch_size: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batch.")
+    prefix_cache_mb: int = Field(
+        64, ge=0, le=1 << 20, description="Memory for prompt prefixes reused across requests (the layers below the "
+                                          "bridge), MiB; 0 switches the cache off.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted, bytes.")
     request_timeout_s: float = Field(600.0, gt=0, description="Maximum time one completion may run, seconds.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -30,6 +30,7 @@ from app.errors import ModelUnavailable, QueueFull
 from app.metrics import Metrics
 from senab.bridge import BridgeHandle, Checkpoint, attach_bridge
 from senab.generation import DecodeBatch, GenerationRequest, Generator, RowOutput
+from senab.prefix import PrefixCache, PrefixStats
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +129,21 @@ class Engine:
     """Owns the model and the worker thread that decodes queued jobs."""
 
     def __init__(self, served: ServedModel, *, max_queue: int = 64, max_batch_size: int = 16,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, prefix_cache_bytes: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.served = served
         self.max_batch_size = max_batch_size
         self.metrics = metrics or Metrics()
         self._running = 0
-        self.generator = Generator(served.model, served.tokenizer, served.handle)
+        prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.generator = Generator(served.model, served.tokenizer, served.handle, prefix_cache=prefix_cache)
+        problem = self.generator.prefix_blocker()
+        if prefix_cache is not None and problem is None:
+            logger.info("prompt prefixes of %d tokens or more are cached below the bridge, up to %d MiB",
+                        prefix_cache.min_tokens, prefix_cache_bytes >> 20)
+        else:
+            logger.info("prompt prefixes are not cached: %s", problem)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -180,6 +188,11 @@ class Engine:
     def running(self) -> int:
         """Sequences being decoded now."""
         return self._running
+
+    def prefix_stats(self) -> PrefixStats | None:
+        """Return the prefix cache's counts, or None where prompts are not cached."""
+        cache = self.generator.prefix_cache
+        return None if cache is None or self.generator.prefix_prefill is None else cache.stats
 
     def submit(self, request: GenerationRequest, *, request_id: str, timeout_s: float) -> Job:
         """Queue a request; raise QueueFull (429) when the queue is at its limit."""

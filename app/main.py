@@ -171,9 +171,10 @@ def create_app(settings: Settings | None = None, *, served: ServedModel | None =
             logger.info("session state is kept in Redis at %s",
                         settings.redacted()["redis_url"] if settings.redis_url else "the injected store")
         engine = Engine(model, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,
-                        metrics=metrics)
+                        metrics=metrics, prefix_cache_bytes=settings.prefix_cache_mb << 20)
         engine.start()
-        metrics.watch_engine(running=lambda: engine.running, waiting=lambda: engine.waiting)
+        metrics.watch_engine(running=lambda: engine.running, waiting=lambda: engine.waiting,
+                             prefix_cache=engine.prefix_stats)
         session_service = SessionService(state_store, model.checkpoint, metrics=metrics)
         app.state.services = Services(
             settings=settings, engine=engine, store=state_store, sessions=session_service,

@@ -12,6 +12,10 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from senab.prefix import PrefixStats
 
 # Bucket bounds in seconds. A CPU decode step of the default model takes about 20-100 ms.
 # A first token also waits for the queue and the prefill, so its buckets reach further.
@@ -73,10 +77,13 @@ class Metrics:
         self.store_errors = Counter(
             "senab:store_errors", "State store operations that failed, by operation.", ["operation"], registry=r)
 
-    def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
-        """Read the running and waiting counts from the engine at every scrape."""
+    def watch_engine(self, running: Callable[[], float], waiting: Callable[[], float],
+                     prefix_cache: Callable[[], PrefixStats | None] | None = None) -> None:
+        """Read the running and waiting counts, and the prefix cache's counts, from the engine at every scrape."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+        if prefix_cache is not None:
+            self.registry.register(_PrefixCacheCollector(prefix_cache))
 
     @contextmanager
     def time_store(self, operation: str, expected: tuple[type[Exception], ...] = ()) -> Iterator[None]:
@@ -106,3 +113,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCollector(Collector):
+    """The prefix cache's counts, as vLLM names them: prompt tokens looked up and found, in tokens."""
+
+    def __init__(self, stats: Callable[[], PrefixStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats()
+        if stats is None:
+            return
+        yield CounterMetricFamily("senab:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=stats.query_tokens)
+        yield CounterMetricFamily("senab:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=stats.hit_tokens)
+        yield CounterMetricFamily("senab:prefix_cache_evictions", "Prefixes evicted to stay within the cache's size.",
+                                  value=stats.evictions)
+        yield GaugeMetricFamily("senab:prefix_cache_usage_bytes", "Bytes held by cached prefixes.", value=stats.bytes)

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from senab.bridge import BridgeHandle, BridgeState
 from senab.fastdecode import LlamaDecodeStep
 from senab.kvcache import new_kv_cache
+from senab.prefix import PrefixCache, PrefixEntry, PrefixPrefill
 from senab.quant import UNPACK_POSITIONS as LONG_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class GenerationRequest:
     session: np.ndarray | None = None
     # Index of the first prompt token that belongs to the current turn (readout window).
     turn_start: int = 0
+    # Rows share cached prompt prefixes only with rows of the same salt (a server passes the tenant).
+    cache_salt: str = ""
 
 
 @dataclass
@@ -238,11 +241,25 @@ class Generator:
     """Decodes batches on one model, with the bridge when a handle is given."""
 
     def __init__(self, model, tokenizer, handle: BridgeHandle | None = None,
-                 eos_token_ids: set[int] | None = None, fast_decode: bool = True) -> None:
+                 eos_token_ids: set[int] | None = None, fast_decode: bool = True,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.model = model
         # Decode steps skip transformers' per-layer plumbing where the model is plain Llama,
         # with the same logits to the bit. `fast_decode=False` keeps the model's forward call.
         self.decode_step = LlamaDecodeStep.for_model(model) if fast_decode else None
+        # Prompts that start with a cached prefix skip the layers below the bridge for it
+        # (`senab.prefix`); only where the decode step takes the model (plain Llama).
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes > 0 else None
+        self.prefix_prefill = None
+        self._prefix_problem = "no prefix cache"
+        if self.prefix_cache is not None:
+            boundary = handle.bridge.config.first_layer if handle is not None else model.config.num_hidden_layers
+            if self.decode_step is None:
+                self._prefix_problem = "the model is not plain Llama"
+            elif boundary == 0:
+                self._prefix_problem = "the bridge spans every layer, so no layer's keys and values depend on the tokens alone"
+            else:
+                self.prefix_prefill = PrefixPrefill(model, boundary)
         self.tokenizer = tokenizer
         self.handle = handle
         self.device = next(model.parameters()).device
@@ -342,8 +359,42 @@ class Generator:
             mask[i, width - len(prompt):] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def prefix_blocker(self) -> str | None:
+        """Return why a prefill now cannot use the prefix cache, or None when it can (drops stale entries)."""
+        if self.prefix_prefill is None:
+            return self._prefix_problem
+        problem = self.prefix_prefill.blocker()
+        if problem is None:
+            self.prefix_cache.check(self.prefix_prefill.fingerprint())
+        return problem
+
+    def disable_prefix_cache(self, reason: str) -> None:
+        """Stop using and filling the prefix cache for the rest of this generator's life."""
+        self.prefix_prefill = None
+        self._prefix_problem = reason
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    def _prefill_from_prefixes(self, entries: list[PrefixEntry], suffixes: list[list[int]],
+                               bridge_state: BridgeState | None):
+        """Run `PrefixPrefill` inside the bridge's context, as `_forward` runs a plain prefill."""
+        self.decode_step.refresh()  # the model may have changed since the last prefill
+        if bridge_state is not None:
+            # The read-in hook runs inside the call and reads `valid`: the left-padded mask
+            # of the whole prompts, which is also the mask the call returns.
+            width = max(len(s) for s in suffixes) + entries[0].length
+            valid = torch.zeros((len(entries), width), dtype=torch.bool, device=self.device)
+            for row, suffix in enumerate(suffixes):
+                valid[row, width - entries[row].length - len(suffix):] = True
+            bridge_state.valid = valid
+        context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
+        with context:
+            return self.prefix_prefill(entries, suffixes, self.pad_token_id)
+
     def _forward(self, input_ids, attention_mask, position_ids, cache, bridge_state: BridgeState | None,
-                 valid: torch.Tensor | None) -> torch.Tensor:
+                 valid: torch.Tensor | None, captured: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Return the (B, V) logits of each row's last position; a prefill appends the hidden states
+        entering the bridge's first layer (`PrefixPrefill.capture`) to `captured` where given."""
         if bridge_state is not None:
             bridge_state.valid = valid
         context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
@@ -351,9 +402,12 @@ class Generator:
             if self.decode_step is not None:
                 if input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
                     return self.decode_step(input_ids, attention_mask, position_ids, cache)
-                self.decode_step.refresh()  # a prefill, and the model may have changed since the last one
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=True, logits_to_keep=1)
+                # A prefill, and the model may have changed since the last one. Before the
+                # capture's hook, which the decode steps must not count as the model's.
+                self.decode_step.refresh()
+            with self.prefix_prefill.capture(captured) if captured is not None else _null_context():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, V)
 
 
@@ -401,28 +455,60 @@ class DecodeBatch:
         for i, request in zip(indices, requests):
             if not request.prompt_ids:
                 raise ValueError(f"request {i} has an empty prompt")
-        long = [len(r.prompt_ids) >= LONG_PROMPT for r in requests]
+        g = self.generator
+        use_prefixes = g.prefix_cache is not None and g.prefix_blocker() is None
+        # The longest cached prefix of each prompt that leaves at least one token to run.
+        hits = [g.prefix_cache.lookup(r.cache_salt, r.prompt_ids, len(r.prompt_ids) - 1) if use_prefixes else None
+                for r in requests]
+        # One prefill call per prompt length class and length of the prefix found.
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for position, (request, hit) in enumerate(zip(requests, hits)):
+            key = (len(request.prompt_ids) >= LONG_PROMPT, 0 if hit is None else hit.length)
+            groups.setdefault(key, []).append(position)
         before = len(self.rows)
         try:
-            for long_group in (False, True):
-                group = [(i, r) for i, r, is_long in zip(indices, requests, long) if is_long == long_group]
-                if group:
-                    self._add_group([r for _, r in group], [i for i, _ in group])
+            for key in sorted(groups):
+                members = groups[key]
+                self._add_group([requests[p] for p in members], [indices[p] for p in members],
+                                [hits[p] for p in members] if key[1] else None, use_prefixes)
         except BaseException:
             # All or nothing: the caller treats every request of a failed add as failed.
             if len(self.rows) > before:
                 self._select(list(range(before)))
             raise
 
-    def _add_group(self, requests: list[GenerationRequest], indices: list[int]) -> None:
+    def _add_group(self, requests: list[GenerationRequest], indices: list[int],
+                   prefixes: list[PrefixEntry] | None, use_prefixes: bool) -> None:
+        """Prefill `requests` in one call, from their cached `prefixes` (all of one length) where given."""
         g = self.generator
         rows = [_Row(i, r, g.tokenizer) for i, r in zip(indices, requests)]
         bridge_state = g._bridge_state(requests)
-        input_ids, attention_mask = g._left_pad([r.prompt_ids for r in requests])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_kv_cache(g.model.config)
-        logits = g._forward(input_ids, attention_mask, position_ids, cache, bridge_state,
-                            valid=attention_mask.bool())
+        # Rows whose prefix before the turn start is worth caching and not cached yet.
+        wanted = [(row, r.cache_salt, r.prompt_ids, r.turn_start) for row, r in enumerate(requests)
+                  if use_prefixes and g.prefix_cache.wants(r.cache_salt, r.prompt_ids, r.turn_start)]
+        if prefixes is not None:
+            length = prefixes[0].length
+            try:
+                logits, cache, attention_mask, position_ids, boundary_hidden = g._prefill_from_prefixes(
+                    prefixes, [r.prompt_ids[length:] for r in requests], bridge_state)
+            except Exception:
+                # The plain prefill computes the same; a fault here must not fail the requests.
+                logger.exception("a prefill from cached prefixes failed; prefilling the whole prompts, and "
+                                 "switching the prefix cache off")
+                g.disable_prefix_cache("a prefill from cached prefixes failed (logged)")
+                self._add_group(requests, indices, None, False)
+                return
+        else:
+            input_ids, attention_mask = g._left_pad([r.prompt_ids for r in requests])
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = new_kv_cache(g.model.config)
+            captured: list[torch.Tensor] = []
+            logits = g._forward(input_ids, attention_mask, position_ids, cache, bridge_state,
+                                valid=attention_mask.bool(), captured=captured if wanted else None)
+            boundary_hidden = captured[-1] if wanted else None
+        if wanted:
+            for entry in g.prefix_prefill.entries(cache, boundary_hidden, attention_mask, wanted):
+                g.prefix_cache.insert(entry)
         if not self.rows:
             self.rows, self.cache, self.bridge_state, self.logits = rows, cache, bridge_state, logits
             self.attention_mask, self.position_ids = attention_mask, position_ids[:, -1:]

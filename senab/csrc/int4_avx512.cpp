@@ -38,6 +38,24 @@ constexpr int64_t kPairs = kGroup / 2;
 constexpr int64_t kTile = 64;     // rows per tile: each tile reads all weights once, and its inputs stay in L2
 constexpr int kChunk = 12;        // rows per pass: 12 x 2 accumulators of 16 outputs in registers
 constexpr float kOffset = 136.0f; // 128 in the codes' bits plus the 8 of q - 8
+// Decode steps run few rows per group, too little work to hide the memory reads of the next
+// groups' codes and scales, which the model's 66 MB stream from DRAM at every step. So tiles
+// of up to kPrefetchRows rows ask for them kAhead groups ahead: the 210 layers at 16 rows went
+// from 13.9 to 12.0 ms, at 8 rows from 8.7 to 7.7 (2-core Zen 4, interleaved runs). The
+// scales of one group lie N outputs apart from the next group's, a stream the hardware's
+// prefetchers followed worse than the codes. Larger tiles gain nothing (672 rows: 433 and
+// 463 ms, within the machine's noise).
+constexpr int64_t kAhead = 4;
+constexpr int64_t kPrefetchRows = 32;
+
+// Asks for the codes and the (scale, zero) pairs of group `g` of `block`, both halves.
+inline void prefetch_group(const uint8_t* codes, const at::BFloat16* scales_and_zeros, int64_t K, int64_t N,
+                           int64_t block, int64_t g) {
+  const char* group_codes = reinterpret_cast<const char*>(codes + (block * K + g * kGroup) * (kBlock / 2));
+  for (int64_t line = 0; line < kGroup * (kBlock / 2); line += 64) _mm_prefetch(group_codes + line, _MM_HINT_T0);
+  const char* pairs = reinterpret_cast<const char*>(scales_and_zeros + (g * N + block * kBlock) * 2);
+  for (int64_t line = 0; line < kBlock * 2 * 2; line += 64) _mm_prefetch(pairs + line, _MM_HINT_T0);
+}
 
 // A block's outputs split in two halves of work: half h takes outputs 16h .. 16h + 15 (low
 // nibbles of bytes 16h .. 16h + 15) and 32 + 16h .. 47 + 16h (their high nibbles). Per group,
@@ -147,6 +165,11 @@ at::Tensor int4_mm(const at::Tensor& input, const at::Tensor& packed, const at::
         const uint8_t* block_codes = codes + block * K * (kBlock / 2);
         for (int64_t g = 0; g < groups; ++g) {
           const int64_t k0 = g * kGroup;
+          // kAhead groups ahead, past the block's last group into the next block's first.
+          const int64_t ahead = block * groups + g + kAhead;
+          if (rows <= kPrefetchRows && ahead < (N / kBlock) * groups) {
+            prefetch_group(codes, sz, K, N, ahead / groups, ahead % groups);
+          }
           unpack_group(block_codes + k0 * (kBlock / 2), half, weights);
           // (scale, zero) bfloat16 pairs of the two sets of 16 outputs.
           const auto* pairs = reinterpret_cast<const uint32_t*>(sz + (g * N + block * kBlock + 16 * half) * 2);

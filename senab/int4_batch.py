@@ -109,11 +109,11 @@ AMX = BatchProduct(
 AVX512 = BatchProduct(
     name="AVX-512 BF16", source="int4_avx512.cpp", flags=(*native.COMMON_FLAGS, "-fopenmp", *_AVX512_FLAGS),
     cpu_flags=_AVX512_CPU_FLAGS, operator="senab_avx512::int4_mm",
-    # Paired steps of SmolLM2-135M with the bridge on a 2-core AMD EPYC (Zen 4), PyTorch's
-    # kernel and this product: 15.2 and 18.0 ms for 1 row (one row's sums form only 2
-    # dependent chains here), 16.3 and 16.8 for 2, 17.8 and 18.6 for 3, 19.4 and 19.2 for 4,
-    # and in another run 25.0 and 19.4 for 5.
-    min_rows=5, max_rows=None, prompts=True)
+    # The 210 layers of SmolLM2-135M on a 2-core AMD EPYC (Zen 4), PyTorch's kernel and this
+    # product, medians of 11 interleaved runs: 4.62 and 5.12 ms for 1 row (one row's sums
+    # form only 2 dependent chains here), 5.16 and 5.35 for 2, 5.97 and 6.54 for 3, 6.82 and
+    # 5.78 for 4, 11.76 and 6.26 for 5.
+    min_rows=4, max_rows=None, prompts=True)
 PRODUCTS = (AMX, AVX512)
 
 

@@ -145,6 +145,9 @@ class Bridge(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self._fused: tuple[tuple[tuple[int, int], ...], tuple[torch.Tensor, ...]] | None = None
+        # What `decode_step` passes, with the versions of every parameter it was built from.
+        self._decode_parameters: tuple[nn.Parameter, ...] | None = None
+        self._decode_fused: tuple[tuple[tuple[int, int], ...], tuple] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -176,6 +179,52 @@ class Bridge(nn.Module):
         delta = torch.tanh(torch.addmm(bias, lattice.reshape(-1, lattice.shape[-1]), weight))
         delta = delta.view(*lattice.shape[:-1], -1)  # (B, T, 2 d_kv)
         return (gains * rows) * (self.config.strength * delta)
+
+    def decode_step(self, hidden: torch.Tensor, state: BridgeState) -> torch.Tensor | None:
+        """Run the read-in, the automaton, the write-out and the readout sums for one new position per row.
+
+        Returns the gained deltas (m, B, 1, 2 d_kv) in `hidden`'s dtype and updates `state`'s
+        NCA cache (in place), positions and readout sums, as the Python path of the read-in
+        hook does, up to float rounding. One compiled call (senab/csrc/nca_step.cpp); None
+        where it cannot run (another device or dtype, autograd, or no compiled operators),
+        and then the caller runs the Python path.
+        """
+        cache = state.cache
+        if (torch.is_grad_enabled() or hidden.device.type != "cpu" or cache is None
+                or hidden.dtype not in (torch.float32, torch.bfloat16) or native_blocker() is not None):
+            return None
+        operands = self._decode_operands()
+        if operands is None or len(cache) != self.cell.config.steps:
+            return None
+        if not all(entry.dtype == torch.float32 and entry.is_contiguous() for entry in cache):
+            if any(entry.dtype != torch.float32 for entry in cache):
+                return None
+            # A prefill leaves views of its lattice; the compiled step updates its own copies.
+            state.cache = cache = [entry.contiguous() for entry in cache]
+        read_in, fused, fused_bias, norm_weight, norm_bias, norm_eps, second, second_bias, write, write_bias, \
+            gains = operands
+        return torch.ops.senab_nca.bridge_step(
+            hidden.contiguous(), state.sessions, read_in, self.config.rms_eps, cache, fused, fused_bias, norm_weight,
+            norm_bias, norm_eps, second, second_bias, write, write_bias, gains, state.row_enabled,
+            self.config.strength, state.positions, state.turn_starts, state.readout_sum, state.readout_count)
+
+    def _decode_operands(self) -> tuple | None:
+        """The weights `decode_step` passes, rebuilt when a parameter changes; None where they are not float32."""
+        parameters = self._decode_parameters
+        if parameters is None:
+            parameters = self._decode_parameters = tuple(self.parameters())
+        key = version_key(parameters)
+        if self._decode_fused is None or self._decode_fused[0] != key:
+            norm, second = self.cell.update[1], self.cell.update[3]
+            if (any(p.dtype != torch.float32 for p in parameters) or norm.weight is None or norm.bias is None):
+                return None
+            fused, fused_bias = self.cell._fused_input_layers()
+            weight, bias, gains = self._fused_write_out()
+            self._decode_fused = (key, (
+                self.read_in.weight.contiguous(), fused.t().contiguous(), fused_bias.contiguous(), norm.weight,
+                norm.bias, norm.eps, second.weight.contiguous(), second.bias, weight.t().contiguous(),
+                bias.contiguous(), gains.reshape(gains.shape[0], -1).contiguous()))
+        return self._decode_fused[1]
 
     def _fused_write_out(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         parameters = (self.write_k.weight, self.write_k.bias, self.write_v.weight, self.write_v.bias,
@@ -308,6 +357,12 @@ class BridgeHandle:
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
         # valid None means every new position is real (a decode step).
         valid = None if state.valid is None else state.valid.to(hidden.device)
+        if valid is None and hidden.shape[1] == 1:
+            deltas = self.bridge.decode_step(hidden, state)
+            if deltas is not None:
+                width = self.bridge.config.kv_width
+                state.delta_k, state.delta_v = deltas[..., :width], deltas[..., width:]
+                return
 
         x0 = self.bridge.seed_lattice(hidden, state.sessions)
         lattice, state.cache = self.bridge.cell.grow(x0, state.cache, valid)  # (B, T, C)

@@ -11,6 +11,7 @@ from senab.bridge import (
     freeze_base_model, load_checkpoint, lora_parameter_count, new_checkpoint,
 )
 from senab.generation import DecodeBatch, GenerationRequest, Generator, SamplingParams
+from senab.nca import native_blocker as nca_native_blocker
 from senab.prompt import build_prompt
 from tests.helpers import make_tiny_llama, randomize_write_out
 
@@ -314,3 +315,65 @@ def test_bridge_for_another_model_shape_is_rejected():
     with pytest.raises(CheckpointError, match="built for 30 layers, hidden size 576") as error:
         attach_bridge(model, other.bridge)
     assert "the model has 4, 64 and 32" in str(error.value)
+
+
+needs_native_nca = pytest.mark.skipif(nca_native_blocker() is not None, reason="the compiled automaton step does not "
+                                      "build here")
+
+
+def run_read_in(handle, bridge, dtype: torch.dtype, steps: int = 6) -> tuple[list[torch.Tensor], BridgeState]:
+    """Prefill 6 positions of 5 rows through the read-in hook, then `steps` decode steps; return the deltas and state."""
+    generator = torch.Generator().manual_seed(0)
+    sessions = torch.randn(5, 32, generator=generator)
+    # Rows 2 and 4 start their turn after the prefill; row 2 has the bridge off.
+    state = BridgeState(bridge, sessions, [0, 3, 8, 0, 11], row_enabled=[True, True, False, True, True])
+    deltas = []
+    with torch.no_grad(), handle.activate(state):
+        state.valid = torch.ones(5, 6, dtype=torch.bool)
+        handle._read_in(None, (torch.randn(5, 6, 64, generator=generator).to(dtype),), {})
+        state.valid = None
+        for _ in range(steps):
+            handle._read_in(None, (torch.randn(5, 1, 64, generator=generator).to(dtype),), {})
+            deltas.append(torch.cat([state.delta_k, state.delta_v], -1))
+    return deltas, state
+
+
+@needs_native_nca
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_bridge_step_matches_python_path(tiny, dtype, monkeypatch):
+    _, _, checkpoint, handle = tiny
+    randomize_write_out(checkpoint.bridge)
+    bridge = checkpoint.bridge.eval()
+    served = []
+    compiled_step = Bridge.decode_step
+    monkeypatch.setattr(Bridge, "decode_step",
+                        lambda self, hidden, state: served.append(compiled_step(self, hidden, state)) or served[-1])
+    compiled_deltas, compiled = run_read_in(handle, bridge, dtype)
+    assert len(served) == 6 and all(deltas is not None for deltas in served)
+    monkeypatch.setattr(Bridge, "decode_step", lambda self, hidden, state: None)
+    python_deltas, python = run_read_in(handle, bridge, dtype)
+
+    # bfloat16 deltas may round one step of bfloat16 (2^-8 of 0.5) apart.
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3
+    for step, (a, b) in enumerate(zip(compiled_deltas, python_deltas)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=f"step {step}")
+    assert not compiled_deltas[-1][:, 2].any()  # the row with the bridge off gets no delta
+    for a, b in zip(compiled.cache, python.cache):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert torch.equal(compiled.positions, python.positions)
+    assert torch.equal(compiled.readout_count, python.readout_count)
+    assert compiled.readout_count.tolist() == [12, 9, 4, 12, 1]
+    torch.testing.assert_close(compiled.readout_sum, python.readout_sum, atol=1e-5, rtol=0)
+
+
+@needs_native_nca
+def test_compiled_bridge_step_rejects_bad_counters(tiny):
+    _, _, checkpoint, _ = tiny
+    bridge = checkpoint.bridge.eval()
+    state = BridgeState(bridge, torch.zeros(2, 32), [0, 0])
+    state.cache = bridge.cell.empty_cache(2, device=torch.device("cpu"), dtype=torch.float32)
+    state.positions = state.positions.to(torch.int32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="invalid positions or turn_starts"):
+        bridge.decode_step(torch.zeros(2, 1, 64), state)
+    assert state.readout_count.tolist() == [0, 0]

@@ -138,12 +138,13 @@ class Engine:
         self._running = 0
         prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.generator = Generator(served.model, served.tokenizer, served.handle, prefix_cache=prefix_cache)
-        problem = self.generator.prefix_blocker()
-        if prefix_cache is not None and problem is None:
+        if prefix_cache is None:
+            logger.info("prompt prefixes are not cached: SENAB_PREFIX_CACHE_MB is 0")
+        elif (problem := self.generator.prefix_blocker()) is not None:
+            logger.info("prompt prefixes are not cached: %s", problem)
+        else:
             logger.info("prompt prefixes of %d tokens or more are cached below the bridge, up to %d MiB",
                         prefix_cache.min_tokens, prefix_cache_bytes >> 20)
-        else:
-            logger.info("prompt prefixes are not cached: %s", problem)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()

@@ -37,8 +37,8 @@ from senab.kvcache import new_kv_cache
 
 logger = logging.getLogger(__name__)
 
-# Shorter prefixes save less than the extra prefill call costs. The default chat template's
-# system prompt of SmolLM2 is 24 tokens.
+# Below this a hit saves little (an estimate, not measured), while prompts admitted together
+# still split into one prefill call per prefix length. SmolLM2's default system prompt is 24 tokens.
 MIN_PREFIX_TOKENS = 16
 
 

@@ -89,6 +89,7 @@ class PrefixCache:
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], PrefixEntry] = OrderedDict()
         self._bytes = 0
         self._fingerprint: tuple | None = None
+        self._told_too_large = False
         self.stats = PrefixStats()
 
     def __len__(self) -> int:
@@ -130,7 +131,14 @@ class PrefixCache:
         """Add `entry`, evicting the least recently used ones beyond `max_bytes`; skip one larger than that."""
         size = entry.nbytes
         key = (entry.salt, entry.ids)
-        if size > self.max_bytes or key in self._entries:
+        if size > self.max_bytes:
+            if not self._told_too_large:
+                self._told_too_large = True
+                logger.info("a prompt prefix of %d tokens (%.1f MiB) is larger than the prefix cache (%.1f MiB) and "
+                            "is not cached; a larger cache would keep such prefixes (logged once)",
+                            entry.length, size / 2 ** 20, self.max_bytes / 2 ** 20)
+            return
+        if key in self._entries:
             return
         self._entries[key] = entry
         self._bytes += size

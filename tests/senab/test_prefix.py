@@ -203,10 +203,13 @@ def test_least_recently_used_entry_leaves_first():
     assert cache.stats.bytes == 800
 
 
-def test_entry_larger_than_the_cache_is_not_kept():
+def test_entry_larger_than_the_cache_is_not_kept(caplog):
     cache = PrefixCache(max_bytes=100)
-    cache.insert(entry("", 20, 400))
+    with caplog.at_level("INFO", logger="senab.prefix"):
+        cache.insert(entry("", 20, 400))
+        cache.insert(entry("", 21, 400))
     assert len(cache) == 0
+    assert caplog.text.count("is larger than the prefix cache") == 1
 
 
 def test_lookup_takes_the_longest_prefix_within_the_limit():

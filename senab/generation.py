@@ -257,7 +257,8 @@ class Generator:
             if self.decode_step is None:
                 self._prefix_problem = "the model is not plain Llama"
             elif boundary == 0:
-                self._prefix_problem = "the bridge spans every layer, so no layer's keys and values depend on the tokens alone"
+                self._prefix_problem = ("the bridge spans every layer, so no layer's keys and values depend on "
+                                        "the tokens alone")
             else:
                 self.prefix_prefill = PrefixPrefill(model, boundary)
         self.tokenizer = tokenizer
@@ -446,7 +447,8 @@ class DecodeBatch:
 
         Prompts of `LONG_PROMPT` tokens or more are prefilled apart from shorter ones, so
         that a layer which picks its method by the number of positions (int4 layers do) picks
-        by each request's own prompt, whatever else arrives with it.
+        by each request's own prompt, whatever else arrives with it. Prompts that start with a
+        cached prefix (`senab.prefix`) are prefilled in one call per length of that prefix.
         """
         if len(indices) != len(requests):
             raise ValueError(f"got {len(indices)} indices for {len(requests)} requests")

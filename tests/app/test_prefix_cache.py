@@ -42,8 +42,9 @@ def server(redis_url):
 
 def ask(url: str, tenant: str, question: str) -> tuple[str, int]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS[tenant], max_retries=0)
-    reply = client.chat.completions.create(model=f"{MODEL}+senab", messages=[SYSTEM, {"role": "user", "content": question}],
-                                           extra_headers={"X-Session-Id": f"s-{uuid.uuid4().hex}"})
+    reply = client.chat.completions.create(
+        model=f"{MODEL}+senab", messages=[SYSTEM, {"role": "user", "content": question}],
+        extra_headers={"X-Session-Id": f"s-{uuid.uuid4().hex}"})
     return reply.choices[0].message.content, reply.usage.prompt_tokens
 
 

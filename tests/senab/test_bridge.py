@@ -317,12 +317,12 @@ def test_bridge_for_another_model_shape_is_rejected():
     assert "the model has 4, 64 and 32" in str(error.value)
 
 
-needs_native_nca = pytest.mark.skipif(nca_native_blocker() is not None, reason="the compiled automaton step does not "
-                                      "build here")
+needs_native_nca = pytest.mark.skipif(nca_native_blocker() is not None,
+                                      reason="the compiled automaton step does not build here")
 
 
 def run_read_in(handle, bridge, dtype: torch.dtype, steps: int = 6) -> tuple[list[torch.Tensor], BridgeState]:
-    """Prefill 6 positions of 5 rows through the read-in hook, then `steps` decode steps; return the deltas and state."""
+    """Prefill 6 positions of 5 rows through the read-in hook, then run `steps` decode steps; return deltas, state."""
     generator = torch.Generator().manual_seed(0)
     sessions = torch.randn(5, 32, generator=generator)
     # Rows 2 and 4 start their turn after the prefill; row 2 has the bridge off.

@@ -209,7 +209,7 @@ class Bridge(nn.Module):
             self.config.strength, state.positions, state.turn_starts, state.readout_sum, state.readout_count)
 
     def _decode_operands(self) -> tuple | None:
-        """The weights `decode_step` passes, rebuilt when a parameter changes; None where they are not float32."""
+        """Return the weights `decode_step` passes, rebuilt when a parameter changes, or None where not float32."""
         parameters = self._decode_parameters
         if parameters is None:
             parameters = self._decode_parameters = tuple(self.parameters())

@@ -248,7 +248,7 @@ class Generator:
         # with the same logits to the bit. `fast_decode=False` keeps the model's forward call.
         self.decode_step = LlamaDecodeStep.for_model(model) if fast_decode else None
         # Prompts that start with a cached prefix skip the layers below the bridge for it
-        # (`senab.prefix`); only where the decode step takes the model (plain Llama).
+        # (`senab.prefix`). That needs a plain Llama model, the one the decode step takes.
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes > 0 else None
         self.prefix_prefill = None
         self._prefix_problem = "no prefix cache"
@@ -394,8 +394,11 @@ class Generator:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, bridge_state: BridgeState | None,
                  valid: torch.Tensor | None, captured: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Return the (B, V) logits of each row's last position; a prefill appends the hidden states
-        entering the bridge's first layer (`PrefixPrefill.capture`) to `captured` where given."""
+        """Return the (B, V) logits of each row's last position.
+
+        Where `captured` is given, a prefill appends the hidden states that enter the bridge's
+        first layer to it (`PrefixPrefill.capture`).
+        """
         if bridge_state is not None:
             bridge_state.valid = valid
         context = self.handle.activate(bridge_state) if self.handle is not None else _null_context()
@@ -403,8 +406,8 @@ class Generator:
             if self.decode_step is not None:
                 if input_ids.shape[1] == 1 and cache.get_seq_length() > 0:
                     return self.decode_step(input_ids, attention_mask, position_ids, cache)
-                # A prefill, and the model may have changed since the last one. Before the
-                # capture's hook, which the decode steps must not count as the model's.
+                # A prefill, and the model may have changed since the last one. This runs before
+                # the capture's hook is added, so the decode steps do not count it as the model's.
                 self.decode_step.refresh()
             with self.prefix_prefill.capture(captured) if captured is not None else _null_context():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -109,10 +109,10 @@ AMX = BatchProduct(
 AVX512 = BatchProduct(
     name="AVX-512 BF16", source="int4_avx512.cpp", flags=(*native.COMMON_FLAGS, "-fopenmp", *_AVX512_FLAGS),
     cpu_flags=_AVX512_CPU_FLAGS, operator="senab_avx512::int4_mm",
-    # The 210 layers of SmolLM2-135M on a 2-core AMD EPYC (Zen 4), PyTorch's kernel and this
-    # product, medians of 11 interleaved runs: 4.62 and 5.12 ms for 1 row (one row's sums
-    # form only 2 dependent chains here), 5.16 and 5.35 for 2, 5.97 and 6.54 for 3, 6.82 and
-    # 5.78 for 4, 11.76 and 6.26 for 5.
+    # The 210 layers of SmolLM2-135M on a 2-core AMD EPYC (Zen 4), medians of 11 interleaved
+    # runs, PyTorch's kernel and then this product: 4.62 and 5.12 ms for 1 row, 5.16 and 5.35
+    # for 2, 5.97 and 6.54 for 3, 6.82 and 5.78 for 4, 11.76 and 6.26 for 5. One row's sums
+    # form only 2 dependent chains here, which is why it loses at 1 row.
     min_rows=4, max_rows=None, prompts=True)
 PRODUCTS = (AMX, AVX512)
 

@@ -168,11 +168,11 @@ def amx_blocker() -> str | None:
 def output_packing_blocker() -> str | None:
     """Return why the output layer of a 4-bit model should not run packed in bfloat16 here, or None.
 
-    It pays on CPUs that multiply bfloat16 natively. On a 2-core AMD EPYC with AVX-512 BF16
-    (Zen 4, torch 2.13), SmolLM2-135M's 49K x 576 output layer took 1.1 to 1.5 ms packed
-    against 4.0 to 4.7 ms plain for one row, and 3.0 against 6.5 to 7.3 ms for 16 rows,
-    with the same logits to the bit. A plain bfloat16 weight is reordered for oneDNN at
-    every call.
+    It pays on CPUs that multiply bfloat16 natively, because a plain bfloat16 weight is
+    reordered for oneDNN at every call. On a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, torch
+    2.13), SmolLM2-135M's 49K x 576 output layer took 1.1 to 1.5 ms packed against 4.0 to
+    4.7 ms plain for one row. For 16 rows it took 3.0 against 6.5 to 7.3 ms, with the same
+    logits to the bit.
     """
     if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
         return "the CPU multiplies bfloat16 natively neither with AVX-512 BF16 nor with AMX"

@@ -2,9 +2,9 @@
 
 The decoder layers below the bridge (0 .. L-m-1) depend only on the tokens: not on the
 session vector, not on the bridge. So their keys and values for a prompt's first P tokens
-are the same for every request whose prompt starts with those tokens, such as the chat
-template's system prompt, or the earlier turns of a conversation that the client sends
-again. `PrefixCache` keeps, per prefix, those layers' keys and values and the hidden state
+are the same for every request whose prompt starts with those tokens. Such prefixes are
+the chat template's system prompt and the earlier turns of a conversation, which the
+client sends again. `PrefixCache` keeps, per prefix, those layers' keys and values and the hidden state
 that enters layer L-m, in a least-recently-used store bounded in bytes.
 
 `PrefixPrefill` runs a prompt whose start is cached: the lower layers over the rest of the
@@ -89,7 +89,7 @@ class PrefixCache:
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], PrefixEntry] = OrderedDict()
         self._bytes = 0
         self._fingerprint: tuple | None = None
-        self._told_too_large = False
+        self._logged_too_large = False
         self.stats = PrefixStats()
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class PrefixCache:
         self._update_stats()
 
     def lookup(self, salt: str, prompt_ids: list[int], limit: int) -> PrefixEntry | None:
-        """Return the longest entry of `salt` whose tokens start `prompt_ids[:limit]`, or None; count the query."""
+        """Return the longest entry of `salt` whose tokens start `prompt_ids[:limit]`, or None, and count the query."""
         self.stats.query_tokens += len(prompt_ids)
         best = None
         for (entry_salt, ids), entry in self._entries.items():
@@ -128,12 +128,12 @@ class PrefixCache:
                 and (salt, tuple(prompt_ids[:turn_start])) not in self._entries)
 
     def insert(self, entry: PrefixEntry) -> None:
-        """Add `entry`, evicting the least recently used ones beyond `max_bytes`; skip one larger than that."""
+        """Add `entry` and evict the least recently used entries beyond `max_bytes` (skip an entry larger than that)."""
         size = entry.nbytes
         key = (entry.salt, entry.ids)
         if size > self.max_bytes:
-            if not self._told_too_large:
-                self._told_too_large = True
+            if not self._logged_too_large:
+                self._logged_too_large = True
                 logger.info("a prompt prefix of %d tokens (%.1f MiB) is larger than the prefix cache (%.1f MiB) and "
                             "is not cached; a larger cache would keep such prefixes (logged once)",
                             entry.length, size / 2 ** 20, self.max_bytes / 2 ** 20)

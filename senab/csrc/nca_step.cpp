@@ -15,7 +15,7 @@
 // steps, the write-out and the readout sums. In a decode step the model's weights stream
 // through the caches and evict PyTorch's code and data, so each small operation costs 20 to
 // 30 us there instead of a few. The 25 operations of the read-in hook took about 0.55 ms of
-// a 11 ms one-row step of SmolLM2-135M (2-core Zen 4); this call takes about 0.16 ms there.
+// an 11 ms one-row step of SmolLM2-135M (2-core Zen 4). This call takes about 0.16 ms there.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -93,10 +93,31 @@ void grow_row(const Weights& w, const float* const* cache_rows, float* const* ne
   for (int64_t c = 0; c < C; ++c) x_out[c] = x[c];
 }
 
-void check_shape(const at::Tensor& tensor, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.sizes() == shape,
-              "senab::nca_grow_one: invalid ", name, " of shape ", tensor.sizes(), " and dtype ", tensor.scalar_type(),
+void check_shape(const char* op, const at::Tensor& tensor, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.is_contiguous() && tensor.sizes() == shape, op,
+              ": invalid ", name, " of shape ", tensor.sizes(), " and dtype ", tensor.scalar_type(),
               "; pass a contiguous float32 tensor of shape ", shape);
+}
+
+// Checks the automaton's cache of B rows of C channels and its weights, and returns the weights.
+Weights automaton_weights(const char* op, at::TensorList cache, int64_t B, int64_t C, const at::Tensor& fused,
+                          const at::Tensor& bias, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                          double eps, const at::Tensor& second, const at::Tensor& second_bias) {
+  TORCH_CHECK(!cache.empty(), op, ": no cache entries; pass one per step");
+  TORCH_CHECK(cache[0].dim() == 3 && cache[0].size(1) >= 1, op, ": invalid cache entry of shape ", cache[0].sizes(),
+              "; pass (rows, kernel width - 1, channels)");
+  TORCH_CHECK(norm_weight.dim() == 1, op, ": invalid norm_weight of shape ", norm_weight.sizes(), "; pass (hidden)");
+  const int64_t H = norm_weight.size(0), keep = cache[0].size(1), width = keep + 1;
+  for (const auto& entry : cache) check_shape(op, entry, "cache entry", {B, keep, C});
+  check_shape(op, fused, "fused", {H + 1, width * C});
+  check_shape(op, bias, "bias", {H + 1});
+  check_shape(op, norm_weight, "norm_weight", {H});
+  check_shape(op, norm_bias, "norm_bias", {H});
+  check_shape(op, second, "second", {C, H});
+  check_shape(op, second_bias, "second_bias", {C});
+  return Weights{fused.const_data_ptr<float>(), bias.const_data_ptr<float>(), norm_weight.const_data_ptr<float>(),
+                 norm_bias.const_data_ptr<float>(), second.const_data_ptr<float>(),
+                 second_bias.const_data_ptr<float>(), static_cast<float>(eps), C, H, width};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
@@ -105,25 +126,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
     const at::Tensor& second_bias) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "senab::nca_grow_one: invalid x of shape ", x.sizes(),
               "; pass (rows, 1, channels)");
-  TORCH_CHECK(!cache.empty(), "senab::nca_grow_one: no cache entries; pass one per step");
-  TORCH_CHECK(cache[0].dim() == 3 && cache[0].size(1) >= 1, "senab::nca_grow_one: invalid cache entry of shape ",
-              cache[0].sizes(), "; pass (rows, kernel width - 1, channels)");
-  TORCH_CHECK(norm_weight.dim() == 1, "senab::nca_grow_one: invalid norm_weight of shape ", norm_weight.sizes(),
-              "; pass (hidden)");
-  const int64_t B = x.size(0), C = x.size(2), H = norm_weight.size(0), steps = static_cast<int64_t>(cache.size());
-  const int64_t keep = cache[0].size(1), width = keep + 1;
-  check_shape(x, "x", {B, 1, C});
-  for (const auto& entry : cache) check_shape(entry, "cache entry", {B, keep, C});
-  check_shape(fused, "fused", {H + 1, width * C});
-  check_shape(bias, "bias", {H + 1});
-  check_shape(norm_weight, "norm_weight", {H});
-  check_shape(norm_bias, "norm_bias", {H});
-  check_shape(second, "second", {C, H});
-  check_shape(second_bias, "second_bias", {C});
-
-  const Weights w{fused.const_data_ptr<float>(), bias.const_data_ptr<float>(), norm_weight.const_data_ptr<float>(),
-                  norm_bias.const_data_ptr<float>(), second.const_data_ptr<float>(),
-                  second_bias.const_data_ptr<float>(), static_cast<float>(eps), C, H, width};
+  const int64_t B = x.size(0), C = x.size(2), steps = static_cast<int64_t>(cache.size());
+  check_shape("senab::nca_grow_one", x, "x", {B, 1, C});
+  const Weights w = automaton_weights("senab::nca_grow_one", cache, B, C, fused, bias, norm_weight, norm_bias, eps,
+                                      second, second_bias);
+  const int64_t keep = w.width - 1, width = w.width, H = w.hidden;
   at::Tensor out = at::empty({B, 1, C}, x.options());
   std::vector<at::Tensor> new_cache;
   new_cache.reserve(steps);
@@ -146,9 +153,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> nca_grow_one(
   return {out, new_cache};
 }
 
-// PyTorch's rounding of a float32 to bfloat16: to nearest even, NaN to a quiet NaN.
-inline c10::BFloat16 to_bfloat16(float value) { return c10::BFloat16(value); }
-
 // Returns the deltas; updates `cache` (each step's window, in place), `positions` and the readout sums.
 at::Tensor bridge_step(
     const at::Tensor& hidden, const at::Tensor& sessions, const at::Tensor& read_in, double rms_eps,
@@ -161,35 +165,26 @@ at::Tensor bridge_step(
                   (hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16),
               "senab::bridge_step: invalid hidden of shape ", hidden.sizes(), " and dtype ", hidden.scalar_type(),
               "; pass contiguous float32 or bfloat16 (rows, 1, hidden size)");
-  TORCH_CHECK(!cache.empty() && cache[0].dim() == 3, "senab::bridge_step: pass one (rows, kernel width - 1, "
-              "channels) cache entry per step");
-  TORCH_CHECK(norm_weight.dim() == 1 && gains.dim() == 2, "senab::bridge_step: invalid norm_weight or gains");
-  const int64_t B = hidden.size(0), D = hidden.size(2), C = sessions.size(-1), H = norm_weight.size(0);
-  const int64_t steps = static_cast<int64_t>(cache.size()), keep = cache[0].size(1), width = keep + 1;
+  TORCH_CHECK(gains.dim() == 2, "senab::bridge_step: invalid gains of shape ", gains.sizes(),
+              "; pass (bridged layers, 2 * K/V width)");
+  const int64_t B = hidden.size(0), D = hidden.size(2), C = sessions.size(-1);
+  const Weights w = automaton_weights("senab::bridge_step", cache, B, C, fused, bias, norm_weight, norm_bias, eps,
+                                      second, second_bias);
+  const int64_t steps = static_cast<int64_t>(cache.size()), keep = w.width - 1, width = w.width, H = w.hidden;
   const int64_t layers = gains.size(0), out_width = gains.size(1);
-  check_shape(sessions, "sessions", {B, C});
-  check_shape(read_in, "read_in", {C, D});
-  for (const auto& entry : cache) check_shape(entry, "cache entry", {B, keep, C});
-  check_shape(fused, "fused", {H + 1, width * C});
-  check_shape(bias, "bias", {H + 1});
-  check_shape(norm_weight, "norm_weight", {H});
-  check_shape(norm_bias, "norm_bias", {H});
-  check_shape(second, "second", {C, H});
-  check_shape(second_bias, "second_bias", {C});
-  check_shape(write_weight, "write_weight", {out_width, C});
-  check_shape(write_bias, "write_bias", {out_width});
-  check_shape(gains, "gains", {layers, out_width});
-  check_shape(readout_sum, "readout_sum", {B, C});
-  check_shape(readout_count, "readout_count", {B});
+  check_shape("senab::bridge_step", sessions, "sessions", {B, C});
+  check_shape("senab::bridge_step", read_in, "read_in", {C, D});
+  check_shape("senab::bridge_step", write_weight, "write_weight", {out_width, C});
+  check_shape("senab::bridge_step", write_bias, "write_bias", {out_width});
+  check_shape("senab::bridge_step", gains, "gains", {layers, out_width});
+  check_shape("senab::bridge_step", readout_sum, "readout_sum", {B, C});
+  check_shape("senab::bridge_step", readout_count, "readout_count", {B});
   TORCH_CHECK(enabled.scalar_type() == at::kBool && enabled.is_contiguous() && enabled.numel() == B,
               "senab::bridge_step: invalid enabled; pass a contiguous bool tensor of ", B, " rows");
   for (const at::Tensor* counter : std::initializer_list<const at::Tensor*>{&positions, &turn_starts})
     TORCH_CHECK(counter->scalar_type() == at::kLong && counter->is_contiguous() && counter->numel() == B,
                 "senab::bridge_step: invalid positions or turn_starts; pass contiguous int64 tensors of ", B, " rows");
 
-  const Weights w{fused.const_data_ptr<float>(), bias.const_data_ptr<float>(), norm_weight.const_data_ptr<float>(),
-                  norm_bias.const_data_ptr<float>(), second.const_data_ptr<float>(),
-                  second_bias.const_data_ptr<float>(), static_cast<float>(eps), C, H, width};
   at::Tensor deltas = at::empty({layers, B, 1, out_width}, hidden.options());
   const bool bfloat16 = hidden.scalar_type() == at::kBFloat16;
   const float gain_strength = static_cast<float>(strength);
@@ -242,7 +237,7 @@ at::Tensor bridge_step(
         const int64_t start = (l * B + b) * out_width;
         for (int64_t j = 0; j < out_width; ++j) {
           const float value = (gain[j] * row) * delta[j];
-          if (bfloat16) deltas_bf16[start + j] = to_bfloat16(value);
+          if (bfloat16) deltas_bf16[start + j] = c10::BFloat16(value);  // to nearest even, as PyTorch rounds
           else deltas_f32[start + j] = value;
         }
       }

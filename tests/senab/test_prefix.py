@@ -230,7 +230,7 @@ def test_invalid_cache_settings_are_rejected(max_bytes, min_tokens, message):
         PrefixCache(max_bytes, min_tokens)
 
 
-def test_failed_prefix_prefill_falls_back_to_the_whole_prompt(bridged, monkeypatch, caplog):
+def test_failed_prefix_prefill_reruns_prompts(bridged, monkeypatch, caplog):
     _, tokenizer, _ = bridged
     plain, cached, cache = generators(bridged)
     batch_requests = requests(tokenizer)
